@@ -1,0 +1,154 @@
+"""The `s2d` command."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from s2d_ray.errors import S2DError
+
+JOB = click.argument("job", type=click.Path(dir_okay=False))
+OUT = click.option("--out", "out", type=click.Path(file_okay=False), help="Run directory (default: the job's `out`).")
+SET = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY.SUB=VALUE", help="Override a job setting; repeatable."
+)
+
+
+def _load(job: str, overrides: tuple[str, ...], out: str | None):
+    from s2d_ray.config import load_config
+    from s2d_ray.rundir import RunDir
+
+    cfg = load_config(job, overrides)
+    return cfg, RunDir(out or cfg.out)
+
+
+def _log(msg: str) -> None:
+    click.echo(f"[s2d] {msg}", err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="s2d-ray")
+def cli() -> None:
+    """System 2 distillation on Ray: generate with a System 2 method, keep consistent
+    answers, fine-tune the model to answer directly, and compare."""
+
+
+@cli.command()
+@JOB
+@OUT
+@SET
+def run(job, out, overrides):
+    """Run every stage: generate, vote, train, evaluate, report."""
+    from s2d_ray import pipeline
+
+    cfg, rd = _load(job, overrides, out)
+    result = pipeline.run_all(cfg, rd, _log)
+    parts = [f"{k} {100 * result[k]['accuracy']:.1f}%" for k in ("system1", "system2", "distilled") if k in result]
+    click.echo(f"done: {', '.join(parts)}; {result['distillability']['verdict']}")
+    click.echo(f"run directory: {rd.root}")
+    click.echo(f"report: {rd.report_html}")
+
+
+@cli.command()
+@JOB
+@OUT
+@SET
+def generate(job, out, overrides):
+    """System 2 generation and consistency vote: writes generate/ and distill/ (resumes)."""
+    from s2d_ray import pipeline
+
+    cfg, rd = _load(job, overrides, out)
+    stats = pipeline.generate(cfg, rd, _log)
+    click.echo(f"kept {stats['kept']} of {stats['inputs']} inputs; run directory: {rd.root}")
+
+
+@cli.command()
+@JOB
+@OUT
+@SET
+def train(job, out, overrides):
+    """Fine-tune on distill/ with DeepSpeed ZeRO-3: writes model/."""
+    from s2d_ray import pipeline
+
+    cfg, rd = _load(job, overrides, out)
+    pipeline.train(cfg, rd, _log)
+    click.echo(f"model: {rd.model}")
+
+
+@cli.command(name="eval")
+@JOB
+@OUT
+@SET
+def eval_(job, out, overrides):
+    """Evaluate System 1, System 2 and the distilled model: writes eval.json and report.html."""
+    from s2d_ray import pipeline
+
+    cfg, rd = _load(job, overrides, out)
+    result = pipeline.evaluate(cfg, rd, _log)
+    pipeline.report(rd)
+    click.echo(result["distillability"]["text"])
+    click.echo(f"report: {rd.report_html}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+def report(run_dir):
+    """(Re)write report.html of a run directory."""
+    from s2d_ray import pipeline
+    from s2d_ray.rundir import RunDir
+
+    rd = RunDir(run_dir)
+    pipeline.report(rd)
+    click.echo(f"report: {rd.report_html}")
+
+
+@cli.group()
+def models():
+    """Embedded models (shipped in PyPI packages, converted locally, no download)."""
+
+
+@models.command(name="list")
+def models_list():
+    """List embedded models and whether they are prepared."""
+    from s2d_ray.models import EMBEDDED, embedded_path, is_complete
+
+    for name, m in EMBEDDED.items():
+        state = "ready" if is_complete(embedded_path(name)) else "not prepared"
+        click.echo(f"{name}\t{state}\t{m.description}\t{embedded_path(name)}")
+
+
+@models.command()
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Convert again even if the folder is complete.")
+def prepare(name, force):
+    """Convert an embedded model once into a Hugging Face safetensors folder."""
+    from s2d_ray.models import prepare as do_prepare
+
+    click.echo(do_prepare(name, force=force, log=_log))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: every user error is one line on stderr and a non-zero exit."""
+    try:
+        cli.main(args=argv, prog_name="s2d", standalone_mode=False)
+    except S2DError as err:
+        click.echo(f"s2d: error: {err}", err=True)
+        sys.exit(err.exit_code)
+    except click.UsageError as err:
+        if type(err).__name__.startswith("NoArgsIsHelp"):  # `s2d` or a group with no command
+            click.echo(err.format_message())
+            sys.exit(2)
+        cmd = err.ctx.command_path if err.ctx else "s2d"
+        click.echo(f"{cmd}: error: {err.format_message()} (see {cmd} --help)", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("s2d: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        click.echo(f"s2d: error: {err.format_message()}", err=True)
+        sys.exit(err.exit_code)
+
+
+if __name__ == "__main__":
+    main()

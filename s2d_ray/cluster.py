@@ -1,0 +1,38 @@
+"""Connecting to Ray: a local cluster on a laptop, or the cluster a job runs on."""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+
+from s2d_ray.config import JobConfig
+
+# No machine here reaches the internet; Ray must not try to send usage stats.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@contextmanager
+def ray_session(cfg: JobConfig):
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    ray.init(
+        address=address,
+        num_cpus=None if address else cfg.ray.num_cpus,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+        configure_logging=True,
+    )
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    ctx.print_on_execution_start = False
+    ctx.verbose_stats_logs = False
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

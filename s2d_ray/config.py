@@ -1,0 +1,222 @@
+"""Typed job configuration: YAML file + ``--set key.sub=value`` overrides.
+
+Everything a run does is decided here, validated before anything starts. GPU-only
+knobs (tensor parallel, offload, GPUs per worker) are parsed and checked on a CPU
+laptop too, so that a typo fails there and not on the cluster.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from s2d_ray.errors import ConfigError
+from s2d_ray.methods import METHODS, check_prompt_overrides
+from s2d_ray.tasks import TaskConfig
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Strict):
+    # An embedded model name (see `s2d models`) or a local Hugging Face folder.
+    name: str = "smollm2"
+    path: str | None = None
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class MethodConfig(Strict):
+    name: str = "rar2"
+    # Per-step prompt overrides: {step name: template}.
+    prompts: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known(self):
+        if self.name not in METHODS:
+            raise ValueError(f"unknown method {self.name!r}; known: {', '.join(sorted(METHODS))}")
+        check_prompt_overrides(self.name, self.prompts)
+        return self
+
+
+class FilterConfig(Strict):
+    name: Literal["majority", "none"] = "majority"
+    samples: int = Field(8, ge=1, le=1024)
+    # Fraction of the N samples the winning answer must reach (on top of a strict majority).
+    min_agreement: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class SamplingConfig(Strict):
+    temperature: float = Field(0.8, ge=0.0, le=5.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_tokens: int = Field(128, ge=1)
+    seed: int = 0
+
+
+class EngineConfig(Strict):
+    """One vLLM engine per generator actor."""
+
+    device: Literal["cpu", "cuda"] = "cpu"
+    tensor_parallel: int = Field(1, ge=1)
+    pipeline_parallel: int = Field(1, ge=1)
+    # GPU: fraction of GPU memory for weights + KV cache. CPU: ignored (see kv_cache_gib).
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    # CPU: host memory reserved for the KV cache, in GiB.
+    kv_cache_gib: float = Field(2.0, gt=0.0)
+    max_model_len: int = Field(2048, ge=64)
+    enforce_eager: bool = True
+    # Autoscaling pool of generator actors: (min, max) engines.
+    concurrency: tuple[int, int] = (1, 1)
+    # Inputs per map_batches call; one engine runs the whole program over the batch.
+    batch_size: int = Field(16, ge=1)
+    cpus_per_engine: float = Field(1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        lo, hi = self.concurrency
+        if lo < 1:
+            raise ValueError(f"concurrency min must be >= 1, got {lo}")
+        if lo > hi:
+            raise ValueError(f"concurrency min ({lo}) > max ({hi})")
+        if self.device == "cpu" and self.tensor_parallel * self.pipeline_parallel > 1:
+            raise ValueError("tensor_parallel/pipeline_parallel > 1 need device: cuda")
+        return self
+
+    @property
+    def gpus_per_engine(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel if self.device == "cuda" else 0
+
+
+class TrainConfig(Strict):
+    workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    gpus_per_worker: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    backend: Literal["gloo", "nccl"] = "gloo"
+    zero_stage: Literal[3] = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    bf16: bool = True
+    gradient_checkpointing: bool = True
+    lr: float = Field(5.5e-6, gt=0.0, lt=1.0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    epochs: float = Field(1.0, gt=0.0)
+    # If set, overrides epochs: exact number of optimizer steps.
+    steps: int | None = Field(None, ge=1)
+    micro_batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_seq_len: int = Field(512, ge=16)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.use_gpu and self.backend != "nccl":
+            raise ValueError("use_gpu: true needs backend: nccl")
+        if not self.use_gpu and self.backend != "gloo":
+            raise ValueError("training on CPU needs backend: gloo")
+        if (self.offload_optimizer or self.offload_params) and not self.use_gpu:
+            raise ValueError("offload_optimizer/offload_params only make sense with use_gpu: true")
+        return self
+
+
+class EvalConfig(Strict):
+    split: Literal["train", "validation", "test"] = "test"
+    max_tokens: int = Field(128, ge=1)
+    system2: bool = True
+
+
+class CostConfig(Strict):
+    # Price of one device-hour (a GPU, or a CPU node on a laptop run), in your currency.
+    device_hour_price: float = Field(0.0, ge=0.0)
+    currency: str = "USD"
+
+
+class RayConfig(Strict):
+    # None: start a local Ray; "auto": join the cluster this runs on; or ray://... / host:port.
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)
+
+
+class JobConfig(Strict):
+    name: str = "s2d"
+    out: str = "runs/s2d"
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig
+    method: MethodConfig = MethodConfig()
+    filter: FilterConfig = FilterConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    engine: EngineConfig = EngineConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    cost: CostConfig = CostConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _cross(self):
+        if self.train.use_gpu != (self.engine.device == "cuda"):
+            raise ValueError("engine.device and train.use_gpu disagree (cuda needs use_gpu: true)")
+        return self
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one ``key.sub=value`` override in place; the value is parsed as YAML."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected key.sub=value")
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        node[parts[-1]] = raw
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-after"))
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    extra = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{loc or 'job'}: {msg}{extra}"
+
+
+def parse_config(data: dict, source: str = "job") -> JobConfig:
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_describe(err)}") from None
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: job file not found") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a job file is a mapping of sections")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return parse_config(data, str(path))
+
+
+def config_dict(cfg: JobConfig) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")

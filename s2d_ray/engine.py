@@ -1,0 +1,100 @@
+"""The only module that imports vLLM: one engine, batched generation, token counts.
+
+vLLM's API moves fast; keeping it behind `Engine.generate` means a version bump
+touches this file and nothing else.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass
+
+from s2d_ray.chat import chat_prompt
+from s2d_ray.config import EngineConfig
+
+# Environment a CPU engine needs; set in the generator actor before vLLM is imported.
+CPU_ENGINE_ENV = {
+    # vLLM otherwise keeps one core for itself: on 2 cores that halves throughput.
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    # One process instead of three (front end, engine core, worker): no core lost to
+    # the engine core's busy polling, and the engine dies with the actor that hosts it.
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_LOGGING_LEVEL": "WARNING",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+GPU_ENGINE_ENV = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    tokens: int
+
+
+class Engine:
+    def __init__(self, model_path: str, cfg: EngineConfig, dtype: str = "bfloat16", seed: int = 0):
+        for key, value in (CPU_ENGINE_ENV if cfg.device == "cpu" else GPU_ENGINE_ENV).items():
+            os.environ.setdefault(key, value)
+        from vllm import LLM
+
+        kwargs = dict(
+            model=model_path,
+            dtype=dtype,
+            seed=seed,
+            max_model_len=cfg.max_model_len,
+            enforce_eager=cfg.enforce_eager,
+            enable_prefix_caching=True,
+            trust_remote_code=False,
+        )
+        if cfg.device == "cpu":
+            kwargs.update(kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30), distributed_executor_backend="uni")
+        else:
+            kwargs.update(
+                tensor_parallel_size=cfg.tensor_parallel,
+                pipeline_parallel_size=cfg.pipeline_parallel,
+                gpu_memory_utilization=cfg.gpu_memory_utilization,
+                # Multi-GPU engines inside a Ray actor schedule their workers through Ray
+                # (in the placement group the actor was started in).
+                distributed_executor_backend="ray" if cfg.gpus_per_engine > 1 else None,
+            )
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(
+        self,
+        user_texts: list[str],
+        *,
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_tokens: int,
+    ) -> list[list[Completion]]:
+        """Chat-format each text, sample `n` completions for each, keep input order.
+
+        Sampling is seeded once per engine (at construction): per-request seeds
+        crash the CPU backend ("CPU Generator does not use offset").
+        """
+        from vllm import SamplingParams
+
+        if not user_texts:
+            return []
+        params = SamplingParams(
+            n=n,
+            temperature=temperature,
+            top_p=top_p if temperature > 0 else 1.0,
+            max_tokens=max_tokens,
+        )
+        prompts = [chat_prompt(self.tokenizer, t) for t in user_texts]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [[Completion(o.text, len(o.token_ids)) for o in out.outputs] for out in outputs]
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        self.llm = None
+        gc.collect()

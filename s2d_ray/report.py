@@ -1,0 +1,128 @@
+"""report.html: one self-contained page (inline SVG, no scripts, no network)."""
+
+from __future__ import annotations
+
+import html
+import json
+
+from s2d_ray.rundir import RunDir, atomic_write_text
+
+COLORS = {"system1": "#1f77b4", "system2": "#d62728", "distilled": "#2ca02c"}
+NAMES = {"system1": "System 1", "system2": "System 2", "distilled": "Distilled System 1"}
+
+
+def _scatter(systems: dict[str, dict]) -> str:
+    """Accuracy vs. mean generated tokens per input, one dot per system."""
+    w, h, pad = 520, 320, 50
+    max_tok = max([s["mean_generated_tokens"] for s in systems.values()] + [1.0]) * 1.15
+    x = lambda t: pad + (w - 2 * pad) * t / max_tok  # noqa: E731
+    y = lambda a: h - pad - (h - 2 * pad) * a  # noqa: E731
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" '
+        'aria-label="accuracy versus mean generated tokens">',
+        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#333"/>',
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#333"/>',
+    ]
+    for frac in (0, 0.25, 0.5, 0.75, 1.0):
+        parts.append(f'<text x="{pad - 8}" y="{y(frac) + 4}" text-anchor="end" font-size="11">{frac:.0%}</text>')
+        parts.append(f'<line x1="{pad}" y1="{y(frac)}" x2="{w - pad}" y2="{y(frac)}" stroke="#eee"/>')
+    for i in range(5):
+        t = max_tok * i / 4
+        parts.append(f'<text x="{x(t)}" y="{h - pad + 16}" text-anchor="middle" font-size="11">{t:.0f}</text>')
+    parts.append(f'<text x="{w / 2}" y="{h - 10}" text-anchor="middle" font-size="12">mean generated tokens per input</text>')
+    parts.append(f'<text x="14" y="{h / 2}" transform="rotate(-90 14 {h / 2})" text-anchor="middle" font-size="12">accuracy</text>')
+    for name, s in systems.items():
+        cx, cy = x(s["mean_generated_tokens"]), y(s["accuracy"])
+        parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="7" fill="{COLORS[name]}"/>')
+        parts.append(f'<text x="{cx + 10:.1f}" y="{cy - 8:.1f}" font-size="12">{NAMES[name]}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render(run: RunDir) -> str:
+    info = run.read_run()
+    evals = json.loads(run.eval_json.read_text()) if run.eval_json.exists() else {}
+    systems = {k: evals[k] for k in ("system1", "system2", "distilled") if k in evals}
+    cfg = info.get("config", {})
+    cost = info.get("cost", {})
+    stages = info.get("stages", {})
+    currency = cost.get("currency", "")
+    model = cfg.get("model", {})
+    embedded = not model.get("path")
+
+    rows = [
+        [
+            NAMES[name],
+            f"{100 * s['accuracy']:.1f}% ± {100 * s.get('accuracy_stderr', 0):.1f}",
+            f"{s['mean_generated_tokens']:.1f}",
+            str(s.get("parse_failures", "")),
+            str(s["n"]),
+            f"{s['seconds']:.1f}",
+        ]
+        for name, s in systems.items()
+    ]
+    stage_rows = [
+        [
+            html.escape(name),
+            f"{st.get('seconds', 0):.1f}",
+            f"{st.get('tokens', 0):,}",
+            f"{st.get('device_hours', 0):.4f}",
+            f"{st.get('cost', 0):.4f} {html.escape(currency)}",
+        ]
+        for name, st in stages.items()
+    ]
+    gen = stages.get("generate", {})
+    verdict = evals.get("distillability", {}).get("text", "Not evaluated yet.")
+    notes = []
+    if embedded:
+        notes.append(
+            f"This run uses the embedded model ({html.escape(model.get('name', ''))}, 135M parameters): "
+            "a smoke-scale model that proves the machinery end to end. It is far too small to show the "
+            "paper's effect; run a <code>jobs/</code> config on a real model for that."
+        )
+    task = cfg.get("task", {})
+    title = f"s2d-ray: {html.escape(str(task.get('name', '')))} with {html.escape(cfg.get('method', {}).get('name', ''))}"
+    filt = ""
+    if gen:
+        hist = ", ".join(f"{k}: {v}" for k, v in sorted(gen.get("agreement_histogram", {}).items()))
+        filt = (
+            f"<p>Filter <b>{html.escape(cfg.get('filter', {}).get('name', ''))}</b> kept "
+            f"<b>{gen.get('kept', 0)}</b> of {gen.get('inputs', 0)} inputs "
+            f"(N={cfg.get('filter', {}).get('samples', '')}). Votes for the winning answer: {html.escape(hist)}.</p>"
+        )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; color: #222; }}
+table {{ border-collapse: collapse; margin: 1rem 0; }}
+th, td {{ border: 1px solid #ccc; padding: .35rem .7rem; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+.verdict {{ font-size: 1.15rem; padding: .7rem 1rem; background: #f4f4f4; border-left: 4px solid #888; }}
+.note {{ color: #7a4b00; background: #fff6e5; padding: .6rem 1rem; }}
+</style></head><body>
+<h1>{title}</h1>
+<p>Model: <code>{html.escape(str(model.get('path') or model.get('name', '')))}</code>.
+Evaluated on the <b>{html.escape(str(evals.get('split', '')))}</b> split.</p>
+<p class="verdict">{html.escape(verdict)}</p>
+{''.join(f'<p class="note">{n}</p>' for n in notes)}
+<h2>Systems</h2>
+{_table(["system", "accuracy", "mean generated tokens", "unparsed", "n", "seconds"], rows)}
+{_scatter(systems) if systems else ''}
+<h2>Distillation set</h2>
+{filt}
+<h2>Stages: time, tokens, cost</h2>
+{_table(["stage", "wall seconds", "tokens", "device-hours", "cost"], stage_rows)}
+<p>Price per device-hour: {cost.get('device_hour_price', 0)} {html.escape(currency)}.
+Device-hours count every device a stage held (engines at the pool's maximum size, trainer workers) for its wall time.</p>
+</body></html>
+"""
+
+
+def write_report(run: RunDir) -> None:
+    atomic_write_text(run.report_html, render(run))

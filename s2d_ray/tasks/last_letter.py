@@ -1,0 +1,99 @@
+"""Last-letter concatenation (synthetic, seeded): "apple banana" -> "ea"."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from functools import lru_cache
+from importlib import resources
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from s2d_ray.tasks.base import SPLITS, Example, Task
+
+_ANSWER = re.compile(r"answer\s*(?:is|:|=)\s*[*\"'“`]*\s*([a-z]+)", re.IGNORECASE)
+_LONE_WORD = re.compile(r"^[*\"'“`\s]*([a-z]+)[*\"'”`.\s]*$", re.IGNORECASE)
+
+
+@lru_cache(maxsize=1)
+def shipped_words() -> tuple[str, ...]:
+    text = resources.files("s2d_ray.tasks").joinpath("words.txt").read_text()
+    return tuple(w for w in text.split() if w)
+
+
+class LastLetter(Task):
+    name: Literal["last_letter"] = "last_letter"
+    words_per_example: int = Field(2, ge=1, le=16)
+    # Size of the word pool drawn (seeded) from the shipped list; the paper used 1,200.
+    vocabulary: int = Field(1200, ge=10)
+    train: int = Field(200, ge=0)
+    validation: int = Field(200, ge=0)
+    test: int = Field(200, ge=0)
+    seed: int = 0
+    method_prompts: dict[str, dict[str, str]] = {
+        "rar2": {
+            "rephrase": "{question}\n\nRephrase the question above so that it is easier to answer. "
+            "Keep the words unchanged and do not answer it."
+        }
+    }
+
+    @model_validator(mode="after")
+    def _fits(self):
+        if self.vocabulary > len(shipped_words()):
+            raise ValueError(f"vocabulary {self.vocabulary} > {len(shipped_words())} shipped words")
+        capacity = self.vocabulary**self.words_per_example // (2 * len(SPLITS))
+        for split in SPLITS:
+            if getattr(self, split) > capacity:
+                raise ValueError(f"{split}: at most {capacity} examples fit {self.vocabulary} words")
+        return self
+
+    def vocabulary_words(self) -> list[str]:
+        return sorted(random.Random(f"vocabulary-{self.seed}").sample(shipped_words(), self.vocabulary))
+
+    def examples(self, split: str) -> list[Example]:
+        """Seeded and disjoint across splits: a word tuple belongs to exactly one split
+        (by hash), so changing one split's size never changes another's examples."""
+        size = getattr(self, split)
+        words = self.vocabulary_words()
+        rng = random.Random(f"last_letter-{self.seed}-{split}")
+        seen: set[tuple[str, ...]] = set()
+        out: list[Example] = []
+        while len(out) < size:
+            combo = tuple(rng.choice(words) for _ in range(self.words_per_example))
+            key = " ".join(combo)
+            digest = hashlib.sha1(key.encode()).hexdigest()
+            if combo in seen or SPLITS[int(digest, 16) % len(SPLITS)] != split:
+                continue
+            seen.add(combo)
+            out.append(
+                Example(
+                    id=f"{split}-{digest[:12]}",
+                    question=self.question(combo),
+                    answer="".join(w[-1] for w in combo),
+                    fields={"words": key},
+                )
+            )
+        return out
+
+    @staticmethod
+    def question(words: tuple[str, ...]) -> str:
+        return (
+            f'Take the last letter of each word in "{" ".join(words)}" and concatenate them. '
+            'Reply with "Answer: " followed by the letters.'
+        )
+
+    def extract(self, text: str) -> str | None:
+        found = _ANSWER.findall(text)
+        if found:
+            return found[-1].lower()
+        lone = _LONE_WORD.match(text.strip())
+        return lone.group(1).lower() if lone else None
+
+    def target(self, answer: str) -> str:
+        return f"Answer: {answer}"
+
+    @property
+    def template_fields(self) -> set[str]:
+        return {"question", "words"}

@@ -1,0 +1,42 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+S2D = [sys.executable, "-m", "s2d_ray.cli"]
+
+# Small, fast settings shared by the end-to-end tests (real Ray, vLLM, DeepSpeed, SmolLM2).
+TINY = [
+    "task.words_per_example=2",
+    "engine.batch_size=8",
+    "engine.kv_cache_gib=1",
+    "engine.max_model_len=768",
+    "train.steps=2",
+    "eval.max_tokens=24",
+    "sampling.max_tokens=32",
+]
+
+
+def s2d(*args, check=True, timeout=1500, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [*S2D, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"s2d {' '.join(args)} exited {proc.returncode}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def overrides(*settings: str) -> list[str]:
+    out = []
+    for s in (*TINY, *settings):
+        out += ["--set", s]
+    return out
+
+
+@pytest.fixture(scope="session")
+def local_job() -> Path:
+    return ROOT / "jobs" / "local.yaml"

@@ -1,0 +1,84 @@
+"""`s2d run` through every stage on the real stack: Ray, vLLM, DeepSpeed ZeRO-3, SmolLM2."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import overrides, s2d
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, local_job):
+    out = tmp_path_factory.mktemp("run")
+    # Low temperature: the 135M model agrees with itself often enough that the vote keeps
+    # some rows; `filter.min_agreement` still applies on top of the strict majority.
+    proc = s2d(
+        "run", str(local_job), "--out", str(out),
+        *overrides("task.train=16", "task.test=8", "filter.samples=3", "sampling.temperature=0.3"),
+    )  # fmt: skip
+    return out, proc
+
+
+def test_run_directory_contract(run_dir):
+    out, proc = run_dir
+    assert f"run directory: {out}" in proc.stdout
+    for name in ("generate", "distill", "model", "eval.json", "report.html", "run.json"):
+        assert (out / name).exists(), name
+    assert (out / "model" / "config.json").exists()
+    assert list((out / "model").glob("*.safetensors"))
+    assert (out / "model" / "tokenizer.json").exists()
+
+
+def test_generate_has_every_input_once_with_samples_votes_and_tokens(run_dir):
+    out, _ = run_dir
+    table = pq.read_table(out / "generate")
+    ids = table.column("id").to_pylist()
+    assert len(ids) == 16 and len(set(ids)) == 16
+    for row in table.to_pylist():
+        assert len(row["system2_answers"]) == 3 and len(row["system2_outputs"]) == 3
+        assert row["vote_total"] == 3 and row["system2_tokens"] > 0
+        assert row["system2_tokens"] == row["system2_tokens_rephrase"] + row["system2_tokens_respond"]
+
+
+def test_distillation_targets_hold_only_the_final_answer(run_dir):
+    out, _ = run_dir
+    gen = {r["id"]: r for r in pq.read_table(out / "generate").to_pylist()}
+    distill = pq.read_table(out / "distill").to_pylist()
+    assert distill, "the vote kept nothing: the test cannot check training on real targets"
+    for row in distill:
+        g = gen[row["id"]]
+        assert g["kept"] and row["prompt"] == g["input"]
+        assert row["target"] == f"Answer: {g['vote_answer']}"
+        for sample in g["system2_outputs"]:  # no intermediate text leaks into the target
+            assert sample not in row["target"] or sample == row["target"]
+        assert "(rephrased)" not in row["target"] and "\n" not in row["target"]
+
+
+def test_eval_and_run_json(run_dir):
+    out, _ = run_dir
+    ev = json.loads((out / "eval.json").read_text())
+    for system in ("system1", "system2", "distilled"):
+        m = ev[system]
+        assert m["n"] == 8 and 0.0 <= m["accuracy"] <= 1.0
+        assert m["mean_generated_tokens"] > 0 and m["seconds"] > 0
+    assert ev["system2"]["mean_generated_tokens"] > ev["system1"]["mean_generated_tokens"]
+    assert ev["distillability"]["verdict"]
+    info = json.loads((out / "run.json").read_text())
+    assert info["config"]["method"]["name"] == "rar2"
+    assert set(info["stages"]) == {"generate", "train", "eval"}
+    gen = info["stages"]["generate"]
+    assert gen["inputs"] == 16 and 0 < gen["kept"] <= 16
+    assert sum(gen["agreement_histogram"].values()) == 16
+    assert info["stages"]["train"]["steps"] == 2 and info["versions"]["ray"] == "2.60.0"
+    assert "rephrase" in info["prompts"]["rar2"]
+
+
+def test_report_is_self_contained_and_honest(run_dir):
+    out, _ = run_dir
+    page = (out / "report.html").read_text()
+    assert "<svg" in page and "<script" not in page and "http://" not in page.replace("http://www.w3.org", "")
+    assert "smoke-scale" in page
+    assert "System 1" in page and "System 2" in page and "Distilled" in page
