@@ -19,10 +19,12 @@ def ray_session(cfg: JobConfig):
     if ray.is_initialized():
         yield ray
         return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    # A submitted job gets RAY_ADDRESS from Ray; otherwise start a fresh local Ray
+    # rather than join whatever a crashed earlier run may have left behind.
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(
         address=address,
-        num_cpus=None if address else cfg.ray.num_cpus,
+        num_cpus=cfg.ray.num_cpus if address == "local" else None,
         include_dashboard=False,
         logging_level=logging.WARNING,
         log_to_driver=True,

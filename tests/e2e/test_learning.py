@@ -12,7 +12,7 @@ from tests.conftest import overrides, s2d
 
 pytestmark = pytest.mark.e2e
 
-PAIRS = 12
+PAIRS = 10
 
 
 def test_training_teaches_the_model_its_targets(tmp_path, local_job):
@@ -30,7 +30,7 @@ def test_training_teaches_the_model_its_targets(tmp_path, local_job):
         ),
     )
     settings = overrides(
-        f"task.train={PAIRS}", "train.steps=12", "train.lr=3e-4", "train.micro_batch_size=6",
+        f"task.train={PAIRS}", "train.steps=8", "train.lr=3e-4", "train.micro_batch_size=5",
         "eval.split=train", "eval.system2=false",
     )  # fmt: skip
     s2d("train", str(local_job), "--out", str(tmp_path), *settings)

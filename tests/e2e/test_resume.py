@@ -1,0 +1,53 @@
+"""Interrupting generation and rerunning the same command: each id once, nothing redone."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import ROOT, S2D, overrides, s2d
+
+pytestmark = pytest.mark.e2e
+
+INPUTS = 12
+
+
+def test_interrupted_generation_resumes_without_redoing_work(tmp_path, local_job):
+    args = [
+        "generate", str(local_job), "--out", str(tmp_path),
+        *overrides(f"task.train={INPUTS}", "engine.batch_size=4", "filter.samples=2", "sampling.max_tokens=24"),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        [*S2D, *args], cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    parts_dir = tmp_path / "generate"
+    deadline = time.time() + 900
+    try:
+        while not list(parts_dir.glob("part-*.parquet")):
+            assert proc.poll() is None, "generation ended before it could be interrupted"
+            assert time.time() < deadline, "no part written in time"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait()
+    first = {p.name: p.stat().st_mtime_ns for p in parts_dir.glob("part-*.parquet")}
+    done_before = pq.read_table(parts_dir).num_rows
+    assert 0 < done_before < INPUTS
+
+    rerun = s2d(*args)
+    assert f"resuming: {done_before} inputs already in generate/" in rerun.stderr
+
+    ids = pq.read_table(parts_dir).column("id").to_pylist()
+    assert len(ids) == INPUTS and len(set(ids)) == INPUTS
+    for name, mtime in first.items():  # finished parts are neither rewritten nor duplicated
+        assert (parts_dir / name).stat().st_mtime_ns == mtime
+    stage = json.loads((tmp_path / "run.json").read_text())["stages"]["generate"]
+    assert stage["resumed"] == done_before and stage["generated_now"] == INPUTS - done_before
+
+    again = s2d(*args)  # a finished run is a no-op
+    assert f"resuming: {INPUTS} inputs already" in again.stderr
+    assert pq.read_table(parts_dir).num_rows == INPUTS
