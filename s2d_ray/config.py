@@ -159,6 +159,11 @@ class JobConfig(Strict):
 
     @model_validator(mode="after")
     def _cross(self):
+        if self.sampling.temperature == 0 and self.filter.samples > 1:
+            raise ValueError(
+                f"sampling.temperature 0 (greedy) makes all {self.filter.samples} samples identical; "
+                "use a temperature > 0 or filter.samples: 1"
+            )
         if self.train.use_gpu != (self.engine.device == "cuda"):
             raise ValueError("engine.device and train.use_gpu disagree (cuda needs use_gpu: true)")
         return self

