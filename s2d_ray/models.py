@@ -122,7 +122,7 @@ def _convert(gguf: Path, out: Path) -> None:
 def resolve_model(name: str, path: str | None) -> Path:
     """The local folder a job's model lives in; embedded models are prepared on demand."""
     if path:
-        folder = Path(path).expanduser()
+        folder = Path(os.path.expandvars(path)).expanduser()
         if not (folder / "config.json").exists():
             raise ModelError(f"model.path {path}: no Hugging Face checkpoint there (config.json missing)")
         return folder.resolve()

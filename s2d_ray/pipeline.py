@@ -6,7 +6,11 @@ can also be run on its own (`s2d generate|train|eval|report`).
 
 from __future__ import annotations
 
+import json
 import platform
+import shutil
+import tempfile
+from pathlib import Path
 import time
 from collections import Counter
 from importlib import metadata
@@ -83,6 +87,7 @@ def generate(cfg: JobConfig, run: RunDir, log=print) -> dict:
     s = cfg.sampling
     passes = [Pass("system2", program, cfg.filter.samples, s.temperature, s.top_p, s.max_tokens)]
     vote = {"label": "system2", "filter_name": cfg.filter.name, "min_agreement": cfg.filter.min_agreement}
+    _check_resumable(cfg, run, program)
     log(f"generate: {len(examples)} inputs x {cfg.filter.samples} samples of {program.name} ({len(program.steps)} steps)")
     started = time.perf_counter()
     with ray_session(cfg):
@@ -108,6 +113,27 @@ def generate(cfg: JobConfig, run: RunDir, log=print) -> dict:
     return stats
 
 
+def _check_resumable(cfg: JobConfig, run: RunDir, program: Program) -> None:
+    """Resuming is only sound with the settings that produced the finished parts."""
+    settings = {
+        "model": cfg.model.model_dump(mode="json"),
+        "task": {k: v for k, v in cfg.task.model_dump(mode="json").items() if k not in ("validation", "test", "train")},
+        "prompts": program.prompts(),
+        "filter": cfg.filter.model_dump(mode="json"),
+        "sampling": cfg.sampling.model_dump(mode="json"),
+    }
+    meta = run.generate / "_settings.json"  # "_": Parquet readers skip it
+    if meta.exists() and any(run.generate.glob("part-*.parquet")):
+        old = json.loads(meta.read_text())
+        changed = sorted(k for k in settings if old.get(k) != settings[k])
+        if changed:
+            raise S2DError(
+                f"{run.generate} was generated with other {', '.join(changed)} settings; "
+                "use another --out (or delete generate/) to start over"
+            )
+    atomic_write_json(meta, settings)
+
+
 def _write_distill_set(table: pa.Table, run: RunDir) -> dict:
     rows = table.to_pylist()
     kept = [r for r in rows if r["kept"]]
@@ -121,8 +147,6 @@ def _write_distill_set(table: pa.Table, run: RunDir) -> dict:
     )
     tmp = run.root / ".distill.tmp"
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     write_part(tmp, distill)
     replace_dir(tmp, run.distill)
@@ -139,8 +163,6 @@ def _write_distill_set(table: pa.Table, run: RunDir) -> dict:
 def train(cfg: JobConfig, run: RunDir, log=print) -> dict:
     from s2d_ray import training
     from s2d_ray.cluster import ray_session
-
-    import shutil
 
     if not run.distill.is_dir():
         raise S2DError(f"{run.root}: no distill/ set yet; run `s2d generate` first")
@@ -178,15 +200,14 @@ def evaluate(cfg: JobConfig, run: RunDir, log=print) -> dict:
     common = dict(task=cfg.task, engine=cfg.engine, dtype=cfg.model.dtype, seed=cfg.sampling.seed, log=log)
     with ray_session(cfg):
         log(f"eval: base model, {len(examples)} {cfg.eval.split} inputs: {', '.join(p.label for p in base)}")
-        run_passes(examples, base, model_path=str(model), out_dir=run.eval_dir / "base", **common)
-        table = load_results(run.eval_dir / "base")
+        table = _eval_pass(run, "base", examples, base, str(model), common)
         for p in base:
             results[p.label] = score_pass(table, p.label, cfg.task)
         if run.model_ready():
             log("eval: distilled model, System 1 prompt")
             distilled = [Pass("distilled", program_for(cfg, "system1"), **greedy)]
-            run_passes(examples, distilled, model_path=str(run.model), out_dir=run.eval_dir / "distilled", **common)
-            results["distilled"] = score_pass(load_results(run.eval_dir / "distilled"), "distilled", cfg.task)
+            table = _eval_pass(run, "distilled", examples, distilled, str(run.model), common)
+            results["distilled"] = score_pass(table, "distilled", cfg.task)
         else:
             log("eval: no trained model in this run directory; skipping the distilled system")
     out = {"task": cfg.task.name, "method": cfg.method.name, "split": cfg.eval.split, "metric": "accuracy"}
@@ -198,6 +219,16 @@ def evaluate(cfg: JobConfig, run: RunDir, log=print) -> dict:
     _record(cfg, run, "eval", {"seconds": time.perf_counter() - started, "tokens": tokens})
     log(f"eval: {out['distillability']['text']}")
     return out
+
+
+def _eval_pass(run: RunDir, name: str, examples, passes, model_path: str, common: dict) -> pa.Table:
+    """Evaluation always starts afresh (the model may have changed since the last one);
+    its rows replace eval/<name>/ only once complete."""
+    run.eval_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=run.eval_dir, prefix=f".{name}."))
+    run_passes(examples, passes, model_path=model_path, out_dir=tmp, **common)
+    replace_dir(tmp, run.eval_dir / name)
+    return load_results(run.eval_dir / name)
 
 
 def report(run: RunDir) -> None:

@@ -22,6 +22,12 @@ def test_shipped_local_job_is_valid():
     assert cfg.task.name == "last_letter" and cfg.method.name == "rar2" and cfg.train.zero_stage == 3
 
 
+@pytest.mark.parametrize("job", sorted(JOBS.rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_job_is_valid(job):
+    cfg = load_config(job)
+    assert cfg.name and cfg.out
+
+
 def test_overrides_are_typed(tmp_path):
     cfg = _load(tmp_path, MINIMAL, "filter.samples=4", "engine.concurrency=[1, 3]", "train.offload_params=false")
     assert cfg.filter.samples == 4 and cfg.engine.concurrency == (1, 3)
