@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from s2d_ray.tasks.base import SPLITS, Example, Task
 
-_ANSWER = re.compile(r"answer\s*(?:is|:|=)\s*[*\"'“`]*\s*([a-z]+)", re.IGNORECASE)
+_ANSWER = re.compile(r"answer\s*(?:is\s*:?|:|=)\s*[*\"'“`]*\s*([a-z]+)", re.IGNORECASE)
 _LONE_WORD = re.compile(r"^[*\"'“`\s]*([a-z]+)[*\"'”`.\s]*$", re.IGNORECASE)
 
 

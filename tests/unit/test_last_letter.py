@@ -10,6 +10,7 @@ def test_extracts_the_answer_after_the_marker():
     assert t.extract('So the answer is "EA".') == "ea"
     assert t.extract("Answer: ab\n... wait, Answer: cd") == "cd"
     assert t.extract("**Answer:** xy") == "xy"
+    assert t.extract('The answer is: "kp".') == "kp"
 
 
 def test_a_lone_word_is_an_answer_but_prose_is_not():
