@@ -8,9 +8,6 @@ import pyarrow as pa
 
 from s2d_ray.tasks import Task
 
-SYSTEMS = ("system1", "system2", "distilled")
-
-
 def score_pass(table: pa.Table, label: str, task: Task) -> dict:
     """Metrics of one evaluated system from its rows (first sample of each input)."""
     answers = [a[0] if a else None for a in table.column(f"{label}_answers").to_pylist()]

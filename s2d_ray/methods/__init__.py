@@ -7,13 +7,9 @@ from s2d_ray.methods.system1 import PROGRAM as SYSTEM1
 METHODS: dict[str, Program] = {p.name: p for p in (SYSTEM1, RAR1, RAR2)}
 
 
-def get_method(name: str) -> Program:
-    return METHODS[name]
-
-
 def check_prompt_overrides(name: str, prompts: dict[str, str]) -> None:
     """Raise ValueError for overrides naming a step the method does not have."""
     METHODS[name].with_prompts(prompts)
 
 
-__all__ = ["METHODS", "Program", "Step", "get_method", "check_prompt_overrides", "placeholders", "render"]
+__all__ = ["METHODS", "Program", "Step", "check_prompt_overrides", "placeholders", "render"]
