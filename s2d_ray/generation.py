@@ -172,9 +172,23 @@ def run_passes(
             ds = ds.map_batches(vote_batch, fn_kwargs={**vote, "task": task}, batch_format="pandas", num_cpus=0)
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             if block.num_rows:
-                write_part(out_dir, block)
+                write_part(out_dir, _uniform(block))
                 written += block.num_rows
     return {"generated": written, "skipped": len(done), "seconds": time.perf_counter() - started}
+
+
+def _text(t: pa.DataType) -> pa.DataType:
+    if pa.types.is_null(t) or pa.types.is_large_string(t):
+        return pa.string()
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return pa.list_(_text(t.value_type))
+    return t
+
+
+def _uniform(block: pa.Table) -> pa.Table:
+    """Same column types in every part, so `pq.read_table("generate/")` reads them all
+    (a block whose answers are all missing would otherwise be typed `null`)."""
+    return block.cast(pa.schema([pa.field(f.name, _text(f.type)) for f in block.schema]))
 
 
 def load_results(out_dir: Path) -> pa.Table | None:
