@@ -62,18 +62,19 @@ def _devices(cfg: JobConfig, stage: str) -> int:
 
 
 def _record(cfg: JobConfig, run: RunDir, stage: str, data: dict) -> None:
+    """Store one stage's figures and the run's cost totals in a single run.json write."""
     hours = data["seconds"] * _devices(cfg, stage) / 3600
     data = {**data, "device_hours": hours, "cost": hours * cfg.cost.device_hour_price}
-    info = run.update_run(stages={stage: data})
-    stages = info.get("stages", {})
+    stages = {**run.read_run().get("stages", {}), stage: data}
     run.update_run(
+        stages={stage: data},
         cost={
             "device_hour_price": cfg.cost.device_hour_price,
             "currency": cfg.cost.currency,
             "device_hours": sum(s.get("device_hours", 0) for s in stages.values()),
             "total": sum(s.get("cost", 0) for s in stages.values()),
             "tokens": sum(s.get("tokens") or 0 for s in stages.values()),
-        }
+        },
     )
 
 
