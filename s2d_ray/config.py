@@ -15,8 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from s2d_ray.errors import ConfigError
-from s2d_ray.methods import METHODS, check_prompt_overrides
-from s2d_ray.tasks import TaskConfig
+from s2d_ray.methods import METHODS, Program, check_prompt_overrides
+from s2d_ray.tasks import TASKS, TaskConfig
 
 
 class Strict(BaseModel):
@@ -44,10 +44,36 @@ class MethodConfig(Strict):
 
 
 class FilterConfig(Strict):
-    name: Literal["majority", "none"] = "majority"
+    """Which inputs enter the distillation set, and with which target (SPEC section 3).
+
+    majority: strict majority of N extracted answers (and `min_agreement` of N).
+    usc: the model picks the most consistent of its N responses (universal self-consistency).
+    swap: the method runs on the input and on its perturbation (A/B swapped); verdicts must agree.
+    none: keep the first sample's answer (ablation).
+    """
+
+    name: Literal["majority", "usc", "swap", "none"] = "majority"
     samples: int = Field(8, ge=1, le=1024)
     # Fraction of the N samples the winning answer must reach (on top of a strict majority).
     min_agreement: float = Field(0.5, ge=0.0, le=1.0)
+    # USC: responses shown when all N do not fit the context (then: a seeded random pick).
+    usc_fallback: int = Field(10, ge=2)
+    usc_max_tokens: int = Field(24, ge=4)
+    # Adaptive voting (majority only): sample in rounds, stop once the vote is decided.
+    adaptive: bool = False
+    round_size: int = Field(2, ge=1)
+    # Also stop when P(leader holds a majority) reaches this (None: only when the N-vote is certain).
+    confidence: float | None = Field(None, gt=0.5, lt=1.0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.adaptive and self.name != "majority":
+            raise ValueError(f"adaptive voting needs filter.name: majority, not {self.name!r}")
+        if self.confidence is not None and not self.adaptive:
+            raise ValueError("filter.confidence only applies with adaptive: true")
+        if self.name == "usc" and self.samples < 2:
+            raise ValueError("usc picks among responses: filter.samples must be >= 2")
+        return self
 
 
 class SamplingConfig(Strict):
@@ -166,7 +192,19 @@ class JobConfig(Strict):
             )
         if self.train.use_gpu != (self.engine.device == "cuda"):
             raise ValueError("engine.device and train.use_gpu disagree (cuda needs use_gpu: true)")
+        if self.filter.name == "swap" and not self.task.has_perturbation:
+            raise ValueError(f"filter swap needs a task with swappable inputs (pairwise); {self.task.name!r} has none")
+        for name in {"system1", self.method.name}:
+            self.program(name)  # every placeholder of every step resolves for this task
         return self
+
+    def program(self, name: str) -> Program:
+        """A method's program with the task's prompt overrides, then the job's."""
+        program = METHODS[name].with_prompts(self.task.method_prompts.get(name, {}))
+        if name == self.method.name:
+            program = program.with_prompts(self.method.prompts)
+        program.check_templates(self.task.template_fields)
+        return program
 
 
 def apply_override(data: dict, assignment: str) -> None:
@@ -189,9 +227,18 @@ def apply_override(data: dict, assignment: str) -> None:
 
 def _describe(err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-after"))
+    tags = {t.model_fields["name"].default for t in TASKS}  # task.<tag>.field -> task.field
+    loc = ".".join(
+        str(p) for i, p in enumerate(first["loc"])
+        if not str(p).startswith("function-after") and not (i == 1 and first["loc"][0] == "task" and p in tags)
+    )  # fmt: skip
     msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
+    if first["type"] == "union_tag_invalid":
+        ctx = first.get("ctx", {})
+        loc, msg = f"{loc}.name", f"unknown task {ctx.get('tag')!r}; known: {', '.join(sorted(tags))}"
+    elif first["type"] == "union_tag_not_found":
+        loc, msg = f"{loc}.name", f"required key is missing (one of {', '.join(sorted(tags))})"
+    elif first["type"] == "extra_forbidden":
         msg = "unknown key"
     elif first["type"] == "missing":
         msg = "required key is missing"

@@ -89,6 +89,10 @@ class Engine:
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [[Completion(o.text, len(o.token_ids)) for o in out.outputs] for out in outputs]
 
+    def prompt_tokens(self, user_text: str) -> int:
+        """Length of a chat-formatted prompt in tokens (to check it fits the context)."""
+        return len(self.tokenizer.encode(chat_prompt(self.tokenizer, user_text), add_special_tokens=False))
+
     def close(self) -> None:
         llm = getattr(self, "llm", None)
         if llm is None:

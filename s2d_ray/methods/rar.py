@@ -9,7 +9,7 @@ RAR1 = Program(
         Step(
             "respond",
             "{question}\n\nRephrase and expand the question above, then respond to it. "
-            "End with the final answer in the format the question asks for.",
+            "End with the final answer. {format}",
         ),
     ),
 )
@@ -26,7 +26,7 @@ RAR2 = Program(
         Step(
             "respond",
             "(original) {question}\n(rephrased) {rephrase}\n\n"
-            "Use the rephrased question to answer the original question.",
+            "Use the rephrased question to answer the original question. {format}",
         ),
     ),
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict
@@ -12,12 +13,19 @@ SPLITS = ("train", "validation", "test")
 @dataclass(frozen=True)
 class Example:
     id: str
-    question: str  # the System 1 prompt; System 2 methods build on it
+    question: str  # the System 1 prompt (with the answer-format instruction); System 2 methods build on it
     answer: str | None = None  # gold label, only used to evaluate
     fields: dict[str, str] = field(default_factory=dict)  # extra template fields
+    group: str | None = None  # evaluation subset, e.g. "biased" / "unbiased"
 
-    def template_values(self) -> dict[str, str]:
-        return {**self.fields, "question": self.question}
+
+def accuracy(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error: differences smaller than ~2 of these are noise."""
+    n = len(values)
+    if not n:
+        return 0.0, 0.0
+    mean = sum(values) / n
+    return mean, math.sqrt(mean * (1 - mean) / n)
 
 
 class Task(BaseModel):
@@ -28,6 +36,11 @@ class Task(BaseModel):
     # Prompt overrides this task needs for some methods: {method: {step: template}}.
     method_prompts: dict[str, dict[str, str]] = {}
 
+    # The answer-format instruction ({format} in method templates); the System 1 prompt ends with it.
+    answer_format: str = 'Reply with "Answer: " followed by the answer.'
+    # The headline metric of eval.json and of the distillability verdict (higher is better).
+    metric: str = "accuracy"
+
     def examples(self, split: str) -> list[Example]:
         raise NotImplementedError
 
@@ -37,11 +50,34 @@ class Task(BaseModel):
 
     def target(self, answer: str) -> str:
         """The distillation target for an extracted answer: the final answer only."""
-        return answer
+        return f"Answer: {answer}"
 
     def score(self, prediction: str | None, gold: str) -> float:
         return float(prediction is not None and prediction == gold)
 
     @property
     def template_fields(self) -> set[str]:
-        return {"question"}
+        return {"question", "format"}
+
+    # Input perturbation (pairwise judging swaps A and B); None: the task has none.
+    def perturb(self, values: dict[str, str]) -> dict[str, str] | None:
+        return None
+
+    def unperturb(self, answer: str | None) -> str | None:
+        """Map an answer on the perturbed input back to the original input's terms."""
+        return answer
+
+    @property
+    def has_perturbation(self) -> bool:
+        return type(self).perturb is not Task.perturb
+
+    def metrics(self, predictions: list, golds: list, groups: list, perturbed: list | None = None) -> dict:
+        """Scores of one system; `perturbed` holds its answers on the perturbed inputs."""
+        scores = [self.score(p, g) for p, g in zip(predictions, golds)]
+        mean, stderr = accuracy(scores)
+        out = {self.metric: mean, f"{self.metric}_stderr": stderr}
+        for name in sorted({g for g in groups if g}):
+            mine = [s for s, g in zip(scores, groups) if g == name]
+            out[f"{self.metric}_{name}"], _ = accuracy(mine)
+            out[f"n_{name}"] = len(mine)
+        return out

@@ -32,6 +32,7 @@ class LastLetter(Task):
     validation: int = Field(200, ge=0)
     test: int = Field(200, ge=0)
     seed: int = 0
+    answer_format: str = 'Reply with "Answer: " followed by the letters.'
     method_prompts: dict[str, dict[str, str]] = {
         "rar2": {
             "rephrase": "{question}\n\nRephrase the question above so that it is easier to answer. "
@@ -70,7 +71,7 @@ class LastLetter(Task):
             out.append(
                 Example(
                     id=f"{split}-{digest[:12]}",
-                    question=self.question(combo),
+                    question=self.question(combo, self.answer_format),
                     answer="".join(w[-1] for w in combo),
                     fields={"words": key},
                 )
@@ -78,11 +79,9 @@ class LastLetter(Task):
         return out
 
     @staticmethod
-    def question(words: tuple[str, ...]) -> str:
-        return (
-            f'Take the last letter of each word in "{" ".join(words)}" and concatenate them. '
-            'Reply with "Answer: " followed by the letters.'
-        )
+    def question(words: tuple[str, ...], answer_format: str) -> str:
+        return f'Take the last letter of each word in "{" ".join(words)}" and concatenate them. {answer_format}'
+
 
     def extract(self, text: str) -> str | None:
         found = _ANSWER.findall(text)
@@ -91,9 +90,6 @@ class LastLetter(Task):
         lone = _LONE_WORD.match(text.strip())
         return lone.group(1).lower() if lone else None
 
-    def target(self, answer: str) -> str:
-        return f"Answer: {answer}"
-
     @property
     def template_fields(self) -> set[str]:
-        return {"question", "words"}
+        return {"question", "format", "words"}

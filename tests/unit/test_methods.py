@@ -1,7 +1,8 @@
 import pytest
 
 from s2d_ray.methods import METHODS
-from s2d_ray.methods.runner import run_program
+from s2d_ray.methods import Program, Step, split_items
+from s2d_ray.methods.runner import run_program, run_rounds, usc_select
 from s2d_ray.tasks import LastLetter
 
 
@@ -20,7 +21,7 @@ class EchoEngine:
 
 def test_rar2_runs_step_by_step_batched_across_inputs_and_samples():
     engine = EchoEngine()
-    inputs = [{"question": "q1"}, {"question": "q2"}]
+    inputs = [{"question": "q1", "format": "F"}, {"question": "q2", "format": "F"}]
     res = run_program(engine, METHODS["rar2"], inputs, samples=3, temperature=0.7, top_p=1.0, max_tokens=8)
     assert len(engine.calls) == 2  # one engine call per step
     assert engine.calls[0][1] == 3 and len(engine.calls[0][0]) == 2
@@ -31,9 +32,97 @@ def test_rar2_runs_step_by_step_batched_across_inputs_and_samples():
 
 
 def test_every_method_template_only_uses_known_fields():
-    task = LastLetter()
-    for name, program in METHODS.items():
-        program.with_prompts(task.method_prompts.get(name, {})).check_templates(task.template_fields)
+    from s2d_ray.tasks import CoinFlip, Pairwise
+
+    for task in (LastLetter(), CoinFlip(), Pairwise()):
+        for name, program in METHODS.items():
+            if name == "bsm" and task.name != "pairwise":
+                with pytest.raises(ValueError, match="bsm is for a pairwise judge task"):
+                    program.check_templates(task.template_fields)
+                continue
+            program.with_prompts(task.method_prompts.get(name, {})).check_templates(task.template_fields)
+
+
+def test_split_items_reads_numbered_and_bulleted_lists():
+    assert split_items("Criteria:\n1. accuracy\n2) clarity\n- depth\n", 5) == ["accuracy", "clarity", "depth"]
+    assert split_items("\n".join(f"{i}. c{i}" for i in range(1, 9)), 5) == [f"c{i}" for i in range(1, 6)]
+    assert split_items("just prose", 5) == ["just prose"] and split_items("", 5) == ["(none)"]
+
+
+class ListEngine(EchoEngine):
+    """Answers the branch step with a list of three criteria."""
+
+    def generate(self, texts, *, n, temperature, top_p, max_tokens):
+        from s2d_ray.engine import Completion
+
+        self.calls.append((texts, n))
+        if len(self.calls) == 1:
+            return [[Completion("1. accuracy\n2. clarity\n3. depth", 9) for _ in range(n)] for _ in texts]
+        return [[Completion(f"out{len(self.calls)}-{k}", 2) for k in range(n)] for k, _ in enumerate(texts)]
+
+
+def test_bsm_solves_once_per_criterion_in_one_batched_call():
+    engine = ListEngine()
+    values = {"question": "Q", "format": "F", "question_text": "Q", "response_a": "RA", "response_b": "RB"}
+    res = run_program(engine, METHODS["bsm"], [values], samples=2, temperature=0.7, top_p=1.0, max_tokens=8)
+    assert len(engine.calls) == 3  # branch, solve (fanned out), merge
+    solve_prompts = engine.calls[1][0]
+    assert len(solve_prompts) == 2 * 3 and "Criterion: clarity" in solve_prompts[1]
+    sample = res[0][0]
+    assert sample.tokens == {"branch": 9, "solve": 6, "merge": 2}
+    assert sample.values["solve"].startswith("1. accuracy\n") and "3. depth" in sample.values["solve"]
+    assert "1. accuracy" in engine.calls[2][0][0]  # merge sees every criterion's evaluation
+
+
+def test_fan_out_must_follow_an_earlier_step():
+    bad = Program("x", "", (Step("solve", "{item}", over="branch"),))
+    with pytest.raises(ValueError, match="not an earlier step"):
+        bad.check_templates({"question"})
+
+
+def test_adaptive_rounds_stop_decided_inputs_and_never_exceed_n():
+    engine = EchoEngine()
+    inputs = [{"question": "easy", "format": ""}, {"question": "hard", "format": ""}]
+    decided = lambda samples: samples[0].values["question"] == "easy"  # noqa: E731
+    res = run_rounds(engine, METHODS["system1"], inputs, n_max=7, first=3, round_size=3, decided=decided,
+                     temperature=0.7, top_p=1.0, max_tokens=8)  # fmt: skip
+    assert [len(r) for r in res] == [3, 7]  # hard: 3 + 3 + 1, never more than N
+    assert [n for _, n in engine.calls] == [3, 3, 1] and len(engine.calls[1][0]) == 1
+
+
+class UscEngine(EchoEngine):
+    def __init__(self, reply, prompt_len=10):
+        super().__init__()
+        self.reply, self.prompt_len = reply, prompt_len
+
+    def prompt_tokens(self, text):
+        return self.prompt_len * text.count("Response ")
+
+    def generate(self, texts, *, n, temperature, top_p, max_tokens):
+        from s2d_ray.engine import Completion
+
+        self.calls.append((texts, n))
+        return [[Completion(self.reply, 5)] for _ in texts]
+
+
+def _samples(k):
+    from s2d_ray.methods.runner import Sample
+
+    return [Sample({}, {"answer": 1}, f"answer {i}") for i in range(k)]
+
+
+def test_usc_select_asks_once_for_all_inputs_and_records_fallbacks():
+    engine = UscEngine("The most consistent response is Response 2")
+    chosen = usc_select(engine, ["a", "b"], ["Q1", "Q2"], [_samples(3), _samples(1)], max_tokens=8, max_model_len=1000)
+    assert [(c.index, c.how, c.tokens) for c in chosen] == [(1, "all", 5), (0, "single", 0)]
+    assert len(engine.calls) == 1 and len(engine.calls[0][0]) == 1
+    # 20 responses do not fit 150 tokens, the first 10 do (10 x 10 + the instruction's mention).
+    tight = UscEngine("Response 4", prompt_len=10)
+    chosen = usc_select(tight, ["a"], ["Q"], [_samples(20)], max_tokens=8, max_model_len=150)
+    assert (chosen[0].index, chosen[0].how) == (3, "first_10")
+    none_fit = UscEngine("Response 4", prompt_len=100)
+    chosen = usc_select(none_fit, ["a"], ["Q"], [_samples(20)], max_tokens=8, max_model_len=150)
+    assert chosen[0].how == "random" and none_fit.calls == []
 
 
 def test_unknown_placeholder_is_reported():

@@ -1,4 +1,6 @@
-from s2d_ray.filters import apply_filter, majority_vote, no_filter
+from s2d_ray.config import FilterConfig
+from s2d_ray.filters import majority_vote, no_filter
+from s2d_ray.generation import vote_row
 
 
 def test_clear_majority_is_kept():
@@ -49,4 +51,4 @@ def test_single_sample():
 def test_no_filter_keeps_the_first_sample():
     assert no_filter(["x", "y"]).answer == "x" and no_filter(["x", "y"]).kept
     assert not no_filter([None, "y"]).kept
-    assert apply_filter("none", ["x"], 0.9).kept
+    assert vote_row({"s_answers": ["x", None]}, "s", FilterConfig(name="none", min_agreement=0.9)).kept
