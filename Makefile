@@ -25,7 +25,7 @@ setup: $(STAMP)
 	$(BIN)/s2d models prepare smollm2
 
 run: setup
-	$(BIN)/s2d run jobs/local.yaml
+	$(BIN)/s2d run jobs/local/last-letter-rar2.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q -rs tests
@@ -35,6 +35,7 @@ unit: $(STAMP)
 
 bench: setup
 	$(BIN)/python bench/generation.py
+	$(BIN)/python bench/voting.py
 
 clean:
 	rm -rf $(VENV) runs

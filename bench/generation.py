@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("job", nargs="?", default=str(ROOT / "jobs" / "local.yaml"))
+    parser.add_argument("job", nargs="?", default=str(ROOT / "jobs" / "local" / "last-letter-rar2.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--inputs", type=int, default=48)
     args = parser.parse_args()
@@ -36,12 +36,11 @@ def main() -> None:
     from s2d_ray.generation import Pass, load_results, run_passes
     from s2d_ray.methods import METHODS
     from s2d_ray.models import resolve_model
-    from s2d_ray.pipeline import program_for
 
     cfg = load_config(args.job, [f"task.train={args.inputs}", *args.overrides])
     model = str(resolve_model(cfg.model.name, cfg.model.path))
     examples = cfg.task.examples("train")
-    first = program_for(cfg, cfg.method.name).steps[0]
+    first = cfg.program(cfg.method.name).steps[0]
     program = dataclasses.replace(METHODS["system1"], steps=(first,))  # one engine call each side
     s, n = cfg.sampling, cfg.filter.samples
     print(f"{len(examples)} prompts x n={n}, max_tokens={s.max_tokens}, temperature={s.temperature}, "
@@ -59,7 +58,7 @@ def main() -> None:
     from s2d_ray.methods import render
 
     outs = engine.generate(
-        [render(first.template, e.template_values()) for e in examples],
+        [render(first.template, {"format": cfg.task.answer_format, **e.fields, "question": e.question}) for e in examples],
         n=n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
     )  # fmt: skip
     t2 = time.perf_counter()
@@ -76,7 +75,7 @@ def main() -> None:
             examples, [Pass("bench", program, n, s.temperature, s.top_p, s.max_tokens)],
             task=cfg.task, model_path=model, engine=cfg.engine, dtype=cfg.model.dtype, seed=s.seed,
             out_dir=Path(tmp) / "out",
-            vote={"label": "bench", "filter_name": cfg.filter.name, "min_agreement": cfg.filter.min_agreement},
+            vote={"label": "bench", "filt": cfg.filter},
         )  # fmt: skip
         t4 = time.perf_counter()
         table = load_results(Path(tmp) / "out")

@@ -11,15 +11,15 @@ COLORS = {"system1": "#1f77b4", "system2": "#d62728", "distilled": "#2ca02c"}
 NAMES = {"system1": "System 1", "system2": "System 2", "distilled": "Distilled System 1"}
 
 
-def _scatter(systems: dict[str, dict]) -> str:
-    """Accuracy vs. mean generated tokens per input, one dot per system."""
+def _scatter(systems: dict[str, dict], metric: str) -> str:
+    """The task's metric vs. mean generated tokens per input, one dot per system."""
     w, h, pad = 520, 320, 50
     max_tok = max([s["mean_generated_tokens"] for s in systems.values()] + [1.0]) * 1.15
     x = lambda t: pad + (w - 2 * pad) * t / max_tok  # noqa: E731
     y = lambda a: h - pad - (h - 2 * pad) * a  # noqa: E731
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" '
-        'aria-label="accuracy versus mean generated tokens">',
+        'aria-label="metric versus mean generated tokens">',
         f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#333"/>',
         f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#333"/>',
     ]
@@ -30,9 +30,9 @@ def _scatter(systems: dict[str, dict]) -> str:
         t = max_tok * i / 4
         parts.append(f'<text x="{x(t)}" y="{h - pad + 16}" text-anchor="middle" font-size="11">{t:.0f}</text>')
     parts.append(f'<text x="{w / 2}" y="{h - 10}" text-anchor="middle" font-size="12">mean generated tokens per input</text>')
-    parts.append(f'<text x="14" y="{h / 2}" transform="rotate(-90 14 {h / 2})" text-anchor="middle" font-size="12">accuracy</text>')
+    parts.append(f'<text x="14" y="{h / 2}" transform="rotate(-90 14 {h / 2})" text-anchor="middle" font-size="12">{html.escape(metric)}</text>')
     for name, s in systems.items():
-        cx, cy = x(s["mean_generated_tokens"]), y(s["accuracy"])
+        cx, cy = x(s["mean_generated_tokens"]), y(s.get(metric, 0.0))
         parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="7" fill="{COLORS[name]}"/>')
         parts.append(f'<text x="{cx + 10:.1f}" y="{cy - 8:.1f}" font-size="12">{NAMES[name]}</text>')
     parts.append("</svg>")
@@ -56,17 +56,28 @@ def render(run: RunDir) -> str:
     model = cfg.get("model", {})
     embedded = not model.get("path")
 
+    metric = evals.get("metric", "accuracy")
+    extras = sorted(
+        {k for s in systems.values() for k in s if k.startswith((f"{metric}_", "inconsistent")) and not k.endswith("_stderr")}
+    )
+    pct = lambda v: "" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     rows = [
         [
             NAMES[name],
-            f"{100 * s['accuracy']:.1f}% ± {100 * s.get('accuracy_stderr', 0):.1f}",
+            f"{pct(s.get(metric))} ± {100 * s.get(f'{metric}_stderr', 0):.1f}",
+            *[pct(s.get(k)) for k in extras],
             f"{s['mean_generated_tokens']:.1f}",
+            html.escape(", ".join(f"{k} {v:.1f}" for k, v in s.get("tokens_per_step", {}).items())),
             str(s.get("parse_failures", "")),
             str(s["n"]),
             f"{s['seconds']:.1f}",
         ]
         for name, s in systems.items()
     ]
+    headers = [
+        "system", metric, *[k.replace("_", " ") for k in extras],
+        "mean generated tokens", "tokens per input by step", "unparsed", "n", "seconds",
+    ]  # fmt: skip
     stage_rows = [
         [
             html.escape(name),
@@ -90,12 +101,29 @@ def render(run: RunDir) -> str:
     title = f"s2d-ray: {html.escape(str(task.get('name', '')))} with {html.escape(cfg.get('method', {}).get('name', ''))}"
     filt = ""
     if gen:
+        f = cfg.get("filter", {})
         hist = ", ".join(f"{k}: {v}" for k, v in sorted(gen.get("agreement_histogram", {}).items()))
+        drops = ", ".join(f"{k}: {v}" for k, v in sorted(gen.get("drop_reasons", {}).items())) or "none"
         filt = (
-            f"<p>Filter <b>{html.escape(cfg.get('filter', {}).get('name', ''))}</b> kept "
-            f"<b>{gen.get('kept', 0)}</b> of {gen.get('inputs', 0)} inputs "
-            f"(N={cfg.get('filter', {}).get('samples', '')}). Votes for the winning answer: {html.escape(hist)}.</p>"
+            f"<p>Filter <b>{html.escape(f.get('name', ''))}</b> kept <b>{gen.get('kept', 0)}</b> of "
+            f"{gen.get('inputs', 0)} inputs (N={f.get('samples', '')}). Votes for the winning answer: "
+            f"{html.escape(hist)}. Dropped: {html.escape(drops)}.</p>"
         )
+        if gen.get("samples_budget"):
+            filt += (
+                f"<p>Samples drawn: {gen.get('samples_drawn', 0):,} of {gen['samples_budget']:,} "
+                f"({100 * gen.get('samples_drawn', 0) / gen['samples_budget']:.0f}%"
+                + (", adaptive voting" if f.get("adaptive") else "") + ").</p>"
+            )
+        if gen.get("usc_selection"):
+            how = ", ".join(f"{k}: {v}" for k, v in sorted(gen["usc_selection"].items()))
+            filt += f"<p>USC choices by how they were made: {html.escape(how)}.</p>"
+        if gen.get("tokens_per_input_per_step"):
+            steps = ", ".join(f"{k} {v:.1f}" for k, v in gen["tokens_per_input_per_step"].items())
+            filt += (
+                f"<p>Generation tokens per input: {gen.get('tokens_per_input', 0):.1f} "
+                f"(by step, all samples: {html.escape(steps)}).</p>"
+            )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
@@ -112,8 +140,8 @@ Evaluated on the <b>{html.escape(str(evals.get('split', '')))}</b> split.</p>
 <p class="verdict">{html.escape(verdict)}</p>
 {''.join(f'<p class="note">{n}</p>' for n in notes)}
 <h2>Systems</h2>
-{_table(["system", "accuracy", "mean generated tokens", "unparsed", "n", "seconds"], rows)}
-{_scatter(systems) if systems else ''}
+{_table(headers, rows)}
+{_scatter(systems, metric) if systems else ''}
 <h2>Distillation set</h2>
 {filt}
 <h2>Stages: time, tokens, cost</h2>

@@ -39,4 +39,4 @@ def overrides(*settings: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def local_job() -> Path:
-    return ROOT / "jobs" / "local.yaml"
+    return ROOT / "jobs" / "local" / "last-letter-rar2.yaml"

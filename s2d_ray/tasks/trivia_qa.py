@@ -22,7 +22,9 @@ from s2d_ray.tasks.base import SPLITS, Example
 from s2d_ray.tasks.data import FileTask, get
 
 UNBIASED_TEMPLATE = "{question}"
-_ANSWER = re.compile(r"answer\s*(?:is\s*:?|:)\s*(.+)", re.IGNORECASE)
+_MARKER = re.compile(r"answer\s*:\s*(.+)", re.IGNORECASE)  # "Answer: X"
+_IS = re.compile(r"\banswer\b[^\n]{0,80}?\bis\s*:?\s+(.+)", re.IGNORECASE)  # "The answer (to ...) is X"
+_SENTENCE_END = re.compile(r"(?<![A-Z])[.!?](?=\s|$)")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation + "“”‘’")
 
@@ -76,13 +78,15 @@ class TriviaQA(FileTask):
         return [e for e in examples if e.id in keep]
 
     def extract(self, text: str) -> str | None:
-        """The answer after the last "Answer:" (to the end of its line); else a short reply's first line."""
-        lines = [m.group(1) for m in map(_ANSWER.search, text.splitlines()) if m]
-        if lines:
-            answer = normalize(lines[-1])
+        """The answer after the last "Answer:", else after the last "the answer ... is",
+        else a short reply's first line; cut at the end of its sentence, normalised."""
+        found = _MARKER.findall(text) or _IS.findall(text)
+        if found:
+            answer = found[-1]
         else:
             first = text.strip().splitlines()[0] if text.strip() else ""
-            answer = normalize(first) if len(first.split()) <= self.max_answer_words else ""
+            answer = first if len(first.split()) <= self.max_answer_words else ""
+        answer = normalize(_SENTENCE_END.split(answer, maxsplit=1)[0])
         return answer or None
 
     def score(self, prediction: str | None, gold: str) -> float:

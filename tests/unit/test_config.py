@@ -18,8 +18,19 @@ MINIMAL = "task: {name: last_letter}\n"
 
 
 def test_shipped_local_job_is_valid():
-    cfg = load_config(JOBS / "local.yaml")
+    cfg = load_config(JOBS / "local" / "last-letter-rar2.yaml")
     assert cfg.task.name == "last_letter" and cfg.method.name == "rar2" and cfg.train.zero_stage == 3
+
+
+def test_local_and_paper_jobs_cover_the_five_experiments():
+    expected = {("last_letter", "rar2", "majority"), ("coin_flip", "rar2", "majority"), ("triviaqa", "s2a", "usc"),
+                ("pairwise", "bsm", "swap"), ("gsm8k", "cot", "majority")}  # fmt: skip
+    for folder in ("local", "paper"):
+        cfgs = [load_config(j) for j in sorted((JOBS / folder).glob("*.yaml"))]
+        assert {(c.task.name, c.method.name, c.filter.name) for c in cfgs} == expected, folder
+    paper = {load_config(j).task.name: load_config(j) for j in (JOBS / "paper").glob("*.yaml")}
+    assert paper["gsm8k"].filter.samples == 10 and paper["triviaqa"].filter.samples == 20
+    assert all(c.engine.device == "cuda" and c.train.lr == 5.5e-6 for c in paper.values())
 
 
 @pytest.mark.parametrize("job", sorted(JOBS.rglob("*.yaml")), ids=lambda p: p.name)
@@ -45,7 +56,11 @@ def test_overrides_are_typed(tmp_path):
         ("filter.samples=many", "filter.samples: Input should be a valid integer"),
         ("method.name=rar9", "unknown method 'rar9'"),
         ("method.prompts={nostep: hi}", "has no step 'nostep'"),
-        ("task.name=sudoku", "task.name"),
+        ("task.name=sudoku", "task.name: unknown task 'sudoku'; known: coin_flip, custom, gsm8k"),
+        ("task.words_per_example=0", "task.words_per_example: Input should be greater than or equal to 1"),
+        ("method.name=bsm", "bsm is for a pairwise judge task"),
+        ("filter.name=swap", "filter swap needs a task with swappable inputs"),
+        ("filter.confidence=0.9", "filter.confidence only applies with adaptive: true"),
         ("bogus=1", "bogus: unknown key"),
         ("sampling.temperature=0", "greedy) makes all 8 samples identical"),
     ],

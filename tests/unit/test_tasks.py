@@ -91,6 +91,8 @@ def test_trivia_extraction_and_alias_scoring():
     assert task.score(task.extract("Answer: It was Leonardo, of course"), gold) == 1.0
     assert task.score(task.extract("Answer: Michelangelo"), gold) == 0.0
     assert task.extract("Paris") == "paris"  # a short bare reply is the answer
+    assert task.extract('The answer to the question "How many sides?" is 3. Triangles have three.') == "3"
+    assert task.extract("I believe the answer is the U.S. dollar, not the euro.") == "us dollar not euro"
     assert task.extract("Well, " + "many words " * 10) is None  # a long one without a marker is not
     assert task.score(None, gold) == 0.0
 

@@ -1,0 +1,108 @@
+"""Adaptive vs. fixed-N voting on the same inputs, in one run, on the real engine.
+
+Three ways to vote over the job's System 2 method:
+  fixed     N samples per input, strict-majority vote (what `filter.name: majority` does);
+  adaptive  rounds of samples, stop once the N-vote can no longer change (exact rule);
+  confident rounds, stop once P(leader holds the majority) >= --confidence.
+Prints samples and tokens drawn by each, the saving against fixed-N, the kept counts,
+and the fraction of labels kept by both that differ from fixed-N. The adaptive rules
+are also replayed on the fixed-N samples themselves (same draws, so any difference is
+the rule's, not sampling noise).
+
+    python bench/voting.py [JOB.yaml] [--inputs 24] [--samples 8] [--confidence 0.9] [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _differ(a: list, b: list) -> tuple[int, int]:
+    """(labels kept by both that differ, labels kept by both)."""
+    both = [(x, y) for x, y in zip(a, b) if x.kept and y.kept]
+    return sum(x.answer != y.answer for x, y in both), len(both)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("job", nargs="?", default=str(ROOT / "jobs" / "local" / "last-letter-rar2.yaml"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--inputs", type=int, default=24)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--confidence", type=float, default=0.9)
+    parser.add_argument("--temperature", type=float, default=0.5)
+    args = parser.parse_args()
+
+    from s2d_ray.config import load_config
+    from s2d_ray.engine import CPU_ENGINE_ENV, Engine
+    from s2d_ray.filters import adaptive_vote, first_round, majority_vote
+    from s2d_ray.methods.runner import run_program, run_rounds
+    from s2d_ray.models import resolve_model
+
+    sets = [f"filter.samples={args.samples}", f"sampling.temperature={args.temperature}", *args.overrides]
+    cfg = load_config(args.job, sets)
+    if hasattr(cfg.task, "train") and isinstance(cfg.task.train, int):
+        cfg = cfg.model_copy(update={"task": cfg.task.model_copy(update={"train": args.inputs})})
+    examples = cfg.task.examples("train")[: args.inputs]
+    program, n, s, task = cfg.program(cfg.method.name), cfg.filter.samples, cfg.sampling, cfg.task
+    inputs = [{"format": task.answer_format, **e.fields, "question": e.question} for e in examples]
+    sampling = dict(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens)
+    print(f"{len(inputs)} inputs of {task.name}, method {program.name}, N={n}, temperature={s.temperature}, "
+          f"confidence={args.confidence}, model={cfg.model.name}")
+
+    for k, v in CPU_ENGINE_ENV.items():
+        os.environ.setdefault(k, v)
+    engine = Engine(str(resolve_model(cfg.model.name, cfg.model.path)), cfg.engine, dtype=cfg.model.dtype, seed=s.seed)
+    answers = lambda samples: [task.extract(x.final) for x in samples]  # noqa: E731
+    tokens = lambda results: sum(sum(x.tokens.values()) for r in results for x in r)  # noqa: E731
+    rows = {}
+
+    t = time.perf_counter()
+    fixed = run_program(engine, program, inputs, samples=n, **sampling)
+    fixed_votes = [majority_vote(answers(r), cfg.filter.min_agreement) for r in fixed]
+    rows["fixed"] = (fixed_votes, n * len(inputs), tokens(fixed), time.perf_counter() - t)
+
+    for name, confidence in (("adaptive", None), ("confident", args.confidence)):
+        def decided(samples, c=confidence) -> bool:
+            return adaptive_vote(answers(samples), n, cfg.filter.min_agreement, c) is not None
+
+        t = time.perf_counter()
+        results = run_rounds(engine, program, inputs, n_max=n, first=first_round(n, confidence),
+                             round_size=cfg.filter.round_size, decided=decided, **sampling)  # fmt: skip
+        assert all(len(r) <= n for r in results), "adaptive voting drew more than N"
+        votes = [adaptive_vote(answers(r), n, cfg.filter.min_agreement, confidence) or
+                 majority_vote(answers(r), cfg.filter.min_agreement) for r in results]  # fmt: skip
+        rows[name] = (votes, sum(len(r) for r in results), tokens(results), time.perf_counter() - t)
+    engine.close()
+
+    base_samples, base_tokens = rows["fixed"][1], rows["fixed"][2]
+    print(f"\n{'voting':<10} {'samples':>8} {'saved':>7} {'tokens':>8} {'saved':>7} {'kept':>6} {'differ':>12} {'seconds':>8}")
+    for name, (votes, drawn, tok, sec) in rows.items():
+        diff, both = _differ(votes, rows["fixed"][0])
+        print(f"{name:<10} {drawn:>8} {1 - drawn / base_samples:>7.0%} {tok:>8} {1 - tok / max(base_tokens, 1):>7.0%} "
+              f"{sum(v.kept for v in votes):>6} {f'{diff}/{both}' if name != 'fixed' else '-':>12} {sec:>8.1f}")
+
+    # The same rules replayed on the fixed-N draws: what the rule changes, without sampling noise.
+    print("\nreplayed on the fixed-N samples (same draws):")
+    for name, confidence in (("adaptive", None), ("confident", args.confidence)):
+        votes, used = [], 0
+        for r in fixed:
+            a = answers(r)
+            k = first_round(n, confidence)
+            while (v := adaptive_vote(a[:k], n, cfg.filter.min_agreement, confidence)) is None:
+                k += 1
+            votes.append(v)
+            used += k
+        diff, both = _differ(votes, fixed_votes)
+        changed = sum(v.kept != f.kept for v, f in zip(votes, fixed_votes))
+        print(f"  {name:<10} samples {used}/{base_samples} (saved {1 - used / base_samples:.0%}); "
+              f"kept labels differing from fixed-N: {diff}/{both}; keep/drop decisions changed: {changed}/{len(votes)}")
+
+
+if __name__ == "__main__":
+    main()
