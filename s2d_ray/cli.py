@@ -44,8 +44,9 @@ def run(job, out, overrides):
 
     cfg, rd = _load(job, overrides, out)
     result = pipeline.run_all(cfg, rd, _log)
-    parts = [f"{k} {100 * result[k]['accuracy']:.1f}%" for k in ("system1", "system2", "distilled") if k in result]
-    click.echo(f"done: {', '.join(parts)}; {result['distillability']['verdict']}")
+    metric = result["metric"]
+    parts = [f"{k} {100 * result[k][metric]:.1f}%" for k in ("system1", "system2", "distilled") if k in result]
+    click.echo(f"done: {metric} {', '.join(parts)}; {result['distillability']['verdict']}")
     click.echo(f"run directory: {rd.root}")
     click.echo(f"report: {rd.report_html}")
 
@@ -101,6 +102,88 @@ def report(run_dir):
     rd = RunDir(run_dir)
     pipeline.report(rd)
     click.echo(f"report: {rd.report_html}")
+
+
+@cli.command()
+@JOB
+@SET
+@click.option("--gpu-hour-price", "price", type=float, default=None, help="Price of one device-hour (overrides cost.device_hour_price).")
+def estimate(job, overrides, price):
+    """Predict tokens, device-hours, money and memory of a job before running it."""
+    from s2d_ray.estimate import estimate as predict
+    from s2d_ray.estimate import render
+
+    if price is not None:
+        if price < 0:
+            raise click.UsageError("--gpu-hour-price must be >= 0")
+        overrides = (*overrides, f"cost.device_hour_price={price}")
+    cfg, _ = _load(job, overrides, None)
+    click.echo(render(cfg, predict(cfg)))
+
+
+ADDRESS = click.option(
+    "--address", default=None, metavar="http://HEAD:8265", help="The cluster's Ray dashboard (default: $RAY_ADDRESS)."
+)
+
+
+@cli.command()
+@JOB
+@ADDRESS
+@SET
+@click.option("--out", "out", default=None, help="Run directory on the cluster (default: the job's `out`).")
+@click.option("--no-wait", is_flag=True, help="Print the job id and return instead of streaming the logs.")
+@click.option("--command", type=click.Choice(["run", "generate", "train", "eval"]), default="run", show_default=True)
+def submit(job, address, overrides, out, no_wait, command):
+    """Submit JOB.yaml to a Ray cluster (Ray Jobs) and stream its logs until it ends."""
+    from pathlib import Path
+
+    from s2d_ray.submit import follow
+    from s2d_ray.submit import submit as send
+
+    jc, job_id = send(Path(job), overrides, address, command, out)
+    click.echo(f"submitted: {job_id}")
+    if no_wait:
+        click.echo(f"follow it with: s2d jobs logs {job_id}" + (f" --address {address}" if address else ""))
+        return
+    final = follow(jc, job_id, click.echo)
+    click.echo(f"job {job_id}: {final}")
+    if final != "SUCCEEDED":
+        sys.exit(1)
+
+
+@cli.group()
+def jobs() -> None:
+    """Follow or stop jobs submitted with `s2d submit`."""
+
+
+@jobs.command()
+@click.argument("job_id")
+@ADDRESS
+def status(job_id, address):
+    """Print a job's status."""
+    from s2d_ray.submit import status as job_status
+
+    click.echo(job_status(address, job_id))
+
+
+@jobs.command()
+@click.argument("job_id")
+@ADDRESS
+def logs(job_id, address):
+    """Print a job's logs so far."""
+    from s2d_ray.submit import logs as job_logs
+
+    click.echo(job_logs(address, job_id), nl=False)
+
+
+@jobs.command()
+@click.argument("job_id")
+@ADDRESS
+def stop(job_id, address):
+    """Stop a running job."""
+    from s2d_ray.submit import stop as stop_job
+
+    click.echo(f"{job_id}: {'stop requested' if stop_job(address, job_id) else 'not running'}")
 
 
 @cli.group()

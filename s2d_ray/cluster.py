@@ -17,6 +17,7 @@ def ray_session(cfg: JobConfig):
     import ray
 
     if ray.is_initialized():
+        _check(cfg)
         yield ray
         return
     # A submitted job gets RAY_ADDRESS from Ray; otherwise start a fresh local Ray
@@ -30,6 +31,7 @@ def ray_session(cfg: JobConfig):
         log_to_driver=True,
         configure_logging=True,
     )
+    _check(cfg)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     ctx.print_on_execution_start = False
@@ -38,3 +40,11 @@ def ray_session(cfg: JobConfig):
         yield ray
     finally:
         ray.shutdown()
+
+
+def _check(cfg: JobConfig) -> None:
+    """Before any GPU is allocated: can this cluster hold the job's engines and trainers?"""
+    if cfg.engine.device == "cuda":
+        from s2d_ray.placement import check_cluster, live_node_gpus
+
+        check_cluster(cfg, live_node_gpus())

@@ -28,6 +28,9 @@ class ModelConfig(Strict):
     name: str = "smollm2"
     path: str | None = None
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    # Parameter count, for memory and cost estimates before the weights are reachable
+    # (a laptop validating a cluster job). None: read config.json at `path` if it is there.
+    params_billion: float | None = Field(None, gt=0.0)
 
 
 class MethodConfig(Strict):
@@ -139,9 +142,18 @@ class TrainConfig(Strict):
     max_seq_len: int = Field(512, ge=16)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int = 0
+    # How Ray places the worker group's bundles across nodes (Ray placement-group strategies).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Train while generating: the trainer consumes the distillation stream as it is produced,
+    # in one pass, on resources of its own (needs `steps`, the length of the LR schedule).
+    streaming: bool = False
 
     @model_validator(mode="after")
     def _check(self):
+        if self.use_gpu and self.gpus_per_worker != 1:
+            raise ValueError("gpus_per_worker must be 1: a DeepSpeed rank drives one GPU (use more workers)")
+        if self.streaming and self.steps is None:
+            raise ValueError("streaming: true needs train.steps (the stream's length is not known in advance)")
         if self.use_gpu and self.backend != "nccl":
             raise ValueError("use_gpu: true needs backend: nccl")
         if not self.use_gpu and self.backend != "gloo":
@@ -158,9 +170,35 @@ class EvalConfig(Strict):
 
 
 class CostConfig(Strict):
+    """Prices and the throughput assumptions of `s2d estimate` (defaults: see s2d_ray/estimate.py)."""
+
     # Price of one device-hour (a GPU, or a CPU node on a laptop run), in your currency.
     device_hour_price: float = Field(0.0, ge=0.0)
     currency: str = "USD"
+    # Generated tokens per second of one engine, and trained tokens per second of one worker.
+    generation_tokens_per_second: float | None = Field(None, gt=0.0)
+    training_tokens_per_second: float | None = Field(None, gt=0.0)
+    # Share of max_tokens an output really uses, and share of inputs the filter keeps.
+    output_fraction: float = Field(0.5, gt=0.0, le=1.0)
+    kept_fraction: float = Field(0.5, gt=0.0, le=1.0)
+
+
+class BudgetConfig(Strict):
+    """Stop generation cleanly once this much is spent; what was produced is kept."""
+
+    tokens: int | None = Field(None, ge=1)
+    money: float | None = Field(None, gt=0.0)
+
+
+class ClusterConfig(Strict):
+    """What the GPU cluster offers, for checks before anything is allocated."""
+
+    gpu_memory_gib: float = Field(80.0, gt=0.0)
+    # GPUs per node and the most GPU nodes the autoscaler may start; None: read the live cluster.
+    gpus_per_node: int | None = Field(None, ge=1)
+    max_nodes: int | None = Field(None, ge=1)
+    # Host memory per GPU node (CPU offload keeps optimizer states / parameters there).
+    host_memory_gib: float | None = Field(None, gt=0.0)
 
 
 class RayConfig(Strict):
@@ -181,6 +219,8 @@ class JobConfig(Strict):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     cost: CostConfig = CostConfig()
+    budget: BudgetConfig = BudgetConfig()
+    cluster: ClusterConfig = ClusterConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
@@ -192,10 +232,16 @@ class JobConfig(Strict):
             )
         if self.train.use_gpu != (self.engine.device == "cuda"):
             raise ValueError("engine.device and train.use_gpu disagree (cuda needs use_gpu: true)")
+        if self.train.streaming and (self.budget.tokens or self.budget.money):
+            raise ValueError("budget stops generation between parts; it is not available with train.streaming")
         if self.filter.name == "swap" and not self.task.has_perturbation:
             raise ValueError(f"filter swap needs a task with swappable inputs (pairwise); {self.task.name!r} has none")
         for name in {"system1", self.method.name}:
             self.program(name)  # every placeholder of every step resolves for this task
+        if self.engine.device == "cuda":
+            from s2d_ray.estimate import check_fits
+
+            check_fits(self)  # tensor parallel vs node size, memory of engines and trainers
         return self
 
     def program(self, name: str) -> Program:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from s2d_ray.chat import chat_prompt
 from s2d_ray.config import EngineConfig
+from s2d_ray.placement import runs_on_cpu
 
 # Environment a CPU engine needs; set in the generator actor before vLLM is imported.
 CPU_ENGINE_ENV = {
@@ -34,7 +35,8 @@ class Completion:
 
 class Engine:
     def __init__(self, model_path: str, cfg: EngineConfig, dtype: str = "bfloat16", seed: int = 0):
-        for key, value in (CPU_ENGINE_ENV if cfg.device == "cpu" else GPU_ENGINE_ENV).items():
+        on_cpu = runs_on_cpu(cfg.device)
+        for key, value in (CPU_ENGINE_ENV if on_cpu else GPU_ENGINE_ENV).items():
             os.environ.setdefault(key, value)
         from vllm import LLM
 
@@ -47,7 +49,7 @@ class Engine:
             enable_prefix_caching=True,
             trust_remote_code=False,
         )
-        if cfg.device == "cpu":
+        if on_cpu:  # also behind fake GPUs (tests): one CPU process whatever the parallelism
             kwargs.update(kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30), distributed_executor_backend="uni")
         else:
             kwargs.update(

@@ -21,6 +21,7 @@ from s2d_ray.config import EngineConfig, FilterConfig
 from s2d_ray.engine import CPU_ENGINE_ENV, GPU_ENGINE_ENV
 from s2d_ray.filters import Vote, adaptive_vote, first_round, majority_vote, no_filter, swap_vote, usc_vote
 from s2d_ray.methods import Program
+from s2d_ray.placement import FAKE_GPUS_ENV, engine_remote_args, fake_gpus, runs_on_cpu
 from s2d_ray.rundir import read_parts, write_part
 from s2d_ray.tasks import Example, Task
 
@@ -49,15 +50,22 @@ class GeneratorActor:
     """Hosts one vLLM engine; runs whole multi-step programs on batches of inputs."""
 
     def __init__(self, model_path: str, engine: EngineConfig, dtype: str, seed: int, task: Task, passes):
-        from s2d_ray.engine import Engine
+        import ray
 
+        from s2d_ray.engine import Engine
+        from s2d_ray.placement import pin_assigned_gpus
+
+        pin_assigned_gpus()
+        self.node = ray.get_runtime_context().get_node_id()
         self.engine = Engine(model_path, engine, dtype=dtype, seed=seed)
         self.max_model_len = engine.max_model_len
         self.task = task
         self.passes = passes
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return run_batch(self.engine, self.task, self.passes, batch, self.max_model_len)
+        out = run_batch(self.engine, self.task, self.passes, batch, self.max_model_len)
+        out["engine_node"] = self.node  # where each row was generated (elastic runs, debugging)
+        return out
 
     def __del__(self):
         engine = getattr(self, "engine", None)
@@ -144,32 +152,14 @@ def vote_batch(batch: pd.DataFrame, label: str, filt: FilterConfig, task: Task) 
     return out
 
 
-def engine_remote_args(cfg: EngineConfig) -> dict:
-    """Ray resources of one generator actor: its CPUs, and its GPUs on a cluster.
-
-    A single-GPU engine asks for the GPU directly. A tensor/pipeline-parallel engine
-    gets its own placement group (one bundle per GPU; packed on one node unless
-    pipeline parallel spreads it), and vLLM's Ray executor starts its GPU workers
-    inside that group.
-    """
-    env = dict(CPU_ENGINE_ENV if cfg.device == "cpu" else GPU_ENGINE_ENV)
-    if cfg.device == "cpu":
+def engine_env(cfg: EngineConfig) -> dict[str, str]:
+    env = dict(CPU_ENGINE_ENV if runs_on_cpu(cfg.device) else GPU_ENGINE_ENV)
+    if runs_on_cpu(cfg.device):
         # Ray sets OMP_NUM_THREADS=num_cpus (rounded down); say it explicitly.
         env["OMP_NUM_THREADS"] = str(max(1, int(cfg.cpus_per_engine)))
-        return {"num_cpus": cfg.cpus_per_engine, "runtime_env": {"env_vars": env}}
-    if cfg.gpus_per_engine == 1:
-        return {"num_cpus": cfg.cpus_per_engine, "num_gpus": 1, "runtime_env": {"env_vars": env}}
-
-    def placement() -> dict:
-        import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        bundles = [{"GPU": 1, "CPU": cfg.cpus_per_engine}] + [{"GPU": 1}] * (cfg.gpus_per_engine - 1)
-        strategy = "STRICT_PACK" if cfg.pipeline_parallel == 1 else "PACK"
-        pg = ray.util.placement_group(bundles, strategy=strategy)
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)}
-
-    return {"num_cpus": cfg.cpus_per_engine, "ray_remote_args_fn": placement, "runtime_env": {"env_vars": env}}
+    if fake_gpus():
+        env[FAKE_GPUS_ENV] = "1"
+    return env
 
 
 def finished_ids(out_dir: Path) -> set[str]:
@@ -184,6 +174,82 @@ def _rows(examples: list[Example]) -> list[dict]:
     ]
 
 
+def generation_dataset(todo: list[Example], passes: list[Pass], *, task: Task, model_path, engine: EngineConfig,
+                       dtype: str, seed: int, vote: dict | None = None):  # fmt: skip
+    """The lazy Ray Data pipeline: inputs -> GeneratorActor pool (autoscaling min..max) -> vote."""
+    import ray
+
+    lo, hi = engine.concurrency
+    ds = ray.data.from_items(_rows(todo), override_num_blocks=math.ceil(len(todo) / engine.batch_size))
+    ds = ds.map_batches(
+        GeneratorActor,
+        fn_constructor_kwargs=dict(
+            model_path=str(model_path), engine=engine, dtype=dtype, seed=seed, task=task, passes=passes
+        ),
+        batch_size=engine.batch_size,
+        batch_format="pandas",
+        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+        **engine_remote_args(engine, engine_env(engine)),
+    )
+    if vote is not None:
+        # Voting is cheap bookkeeping: it must never wait for a CPU the engines hold.
+        ds = ds.map_batches(vote_batch, fn_kwargs={**vote, "task": task}, batch_format="pandas", num_cpus=0)
+    return ds
+
+
+DISTILL_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("target", pa.string())])
+
+
+def distill_rows(table: pa.Table) -> pa.Table:
+    """The kept rows of voted generation output as (id, prompt, target): no reasoning."""
+    rows = [r for r in table.select(["id", "input", "target", "kept"]).to_pylist() if r["kept"]]
+    return pa.Table.from_pylist(
+        [{"id": r["id"], "prompt": r["input"], "target": r["target"]} for r in rows], schema=DISTILL_SCHEMA
+    )
+
+
+class PartWriter:
+    """Writes generation parts on the driver's node (streaming mode), so generate/ fills
+    exactly as in the sequential mode while the trainer reads the same stream."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+
+    def write(self, table: pa.Table) -> int:
+        write_part(self.out_dir, _uniform(table))
+        return table.num_rows
+
+
+def _write_and_keep(block: pa.Table, writer) -> pa.Table:
+    import ray
+
+    if block.num_rows:
+        ray.get(writer.write.remote(block))
+    return distill_rows(block)
+
+
+def distillation_stream(todo: list[Example], passes: list[Pass], out_dir: Path, earlier: pa.Table | None, **kw):
+    """Streaming mode: the generation pipeline whose voted blocks are written to `out_dir`
+    as they finish and whose kept rows flow on to the trainer (plus `earlier` kept rows
+    of a resumed run)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    writer = ray.remote(PartWriter).options(
+        num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)
+    ).remote(str(out_dir))
+    parts = []
+    if earlier is not None and earlier.num_rows:
+        parts.append(ray.data.from_arrow(earlier))
+    if todo:
+        ds = generation_dataset(todo, passes, **kw)
+        parts.append(ds.map_batches(_write_and_keep, fn_kwargs={"writer": writer}, batch_format="pyarrow", batch_size=None, num_cpus=0))
+    if not parts:
+        return ray.data.from_arrow(DISTILL_SCHEMA.empty_table())
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
 def run_passes(
     examples: list[Example],
     passes: list[Pass],
@@ -195,9 +261,14 @@ def run_passes(
     seed: int,
     out_dir: Path,
     vote: dict | None = None,
+    budget=None,
     log=print,
 ) -> dict:
-    """Generate every example not yet in `out_dir`; returns what this call did."""
+    """Generate every example not yet in `out_dir`; returns what this call did.
+
+    `budget(tokens, seconds)`, if given, is asked after every written part (tokens: all
+    generated so far in `out_dir`, seconds: this call's) and returns a reason to stop
+    or None; generation then stops cleanly, keeping every part already written."""
     import ray
 
     done = finished_ids(out_dir)
@@ -206,28 +277,30 @@ def run_passes(
         log(f"resuming: {len(done)} inputs already in {out_dir.name}/, {len(todo)} to generate")
     started = time.perf_counter()
     written = 0
-    if todo:
-        lo, hi = engine.concurrency
-        args = engine_remote_args(engine)
-        ds = ray.data.from_items(_rows(todo), override_num_blocks=math.ceil(len(todo) / engine.batch_size))
-        ds = ds.map_batches(
-            GeneratorActor,
-            fn_constructor_kwargs=dict(
-                model_path=str(model_path), engine=engine, dtype=dtype, seed=seed, task=task, passes=passes
-            ),
-            batch_size=engine.batch_size,
-            batch_format="pandas",
-            compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-            **args,
-        )
-        if vote is not None:
-            # Voting is cheap bookkeeping: it must never wait for a CPU the engines hold.
-            ds = ds.map_batches(vote_batch, fn_kwargs={**vote, "task": task}, batch_format="pandas", num_cpus=0)
+    token_columns = [f"{p.label}_tokens" for p in passes]
+    spent = _tokens(read_parts(out_dir, columns=token_columns), token_columns) if done else 0
+    stopped = budget(spent, 0.0) if budget and todo else None
+    if todo and not stopped:
+        ds = generation_dataset(todo, passes, task=task, model_path=model_path, engine=engine, dtype=dtype, seed=seed, vote=vote)
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             if block.num_rows:
                 write_part(out_dir, _uniform(block))
                 written += block.num_rows
-    return {"generated": written, "skipped": len(done), "seconds": time.perf_counter() - started}
+                spent += _tokens(block, token_columns)
+            if budget and (stopped := budget(spent, time.perf_counter() - started)):
+                break  # closing the stream shuts the pipeline and its engines down
+    if stopped:
+        log(f"budget: {stopped}; stopped with {len(done) + written} of {len(examples)} inputs generated")
+    return {
+        "generated": written, "skipped": len(done), "seconds": time.perf_counter() - started,
+        "tokens": spent, "budget_stop": stopped,
+    }  # fmt: skip
+
+
+def _tokens(table: pa.Table | None, columns: list[str]) -> int:
+    if table is None:
+        return 0
+    return int(sum(sum(v or 0 for v in table.column(c).to_pylist()) for c in columns if c in table.column_names))
 
 
 def _text(t: pa.DataType) -> pa.DataType:

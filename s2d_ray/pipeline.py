@@ -20,7 +20,7 @@ import pyarrow as pa
 from s2d_ray.config import JobConfig, config_dict
 from s2d_ray.errors import S2DError
 from s2d_ray.evaluation import distillability, score_pass
-from s2d_ray.generation import Pass, load_results, run_passes
+from s2d_ray.generation import Pass, distill_rows, load_results, run_passes
 from s2d_ray.methods import METHODS, Program
 from s2d_ray.models import resolve_model
 from s2d_ray.report import write_report
@@ -43,7 +43,9 @@ def versions() -> dict[str, str]:
 def start_run(cfg: JobConfig, run: RunDir) -> None:
     run.create()
     prompts = {name: cfg.program(name).prompts() for name in ("system1", cfg.method.name)}
-    run.update_run(config=config_dict(cfg), prompts=prompts, versions=versions())
+    from s2d_ray.estimate import estimate
+
+    run.update_run(config=config_dict(cfg), prompts=prompts, versions=versions(), estimate=estimate(cfg))
 
 
 def _devices(cfg: JobConfig, stage: str) -> int:
@@ -86,12 +88,15 @@ def generate(cfg: JobConfig, run: RunDir, log=print) -> dict:
         did = run_passes(
             examples, passes, task=cfg.task, model_path=str(model), engine=cfg.engine,
             dtype=cfg.model.dtype, seed=s.seed, out_dir=run.generate, vote=vote, log=log,
+            budget=_budget(cfg, run),
         )  # fmt: skip
     table = load_results(run.generate)
     wanted = {e.id for e in examples}
     table = table.filter(pa.compute.is_in(table.column("id"), pa.array(sorted(wanted))))
     stats = _write_distill_set(table, run)
     stats.update(seconds=time.perf_counter() - started, generated_now=did["generated"], resumed=did["skipped"])
+    if did["budget_stop"]:
+        stats["budget_stop"] = f"{did['budget_stop']}: {table.num_rows} of {len(examples)} inputs generated"
     stats.update(_generation_figures(table, passes, cfg.filter.samples))
     _record(cfg, run, "generate", stats)
     log(f"generate: kept {stats['kept']} of {stats['inputs']} inputs for distillation")
@@ -135,6 +140,25 @@ def _generation_figures(table: pa.Table, passes: list[Pass], n: int) -> dict:
     return out
 
 
+def _budget(cfg: JobConfig, run: RunDir):
+    """The job's budget as a stop rule over (tokens generated so far, seconds of this call)."""
+    b = cfg.budget
+    if b.tokens is None and b.money is None:
+        return None
+    rate = _devices(cfg, "generate") * cfg.cost.device_hour_price / 3600  # money per second
+    before = run.read_run().get("stages", {}).get("generate", {}).get("cost", 0.0)  # an earlier, resumed call
+
+    def stop(tokens: int, seconds: float) -> str | None:
+        if b.tokens is not None and tokens >= b.tokens:
+            return f"token budget {b.tokens:,} reached ({tokens:,} generated)"
+        spent = before + seconds * rate
+        if b.money is not None and spent >= b.money:
+            return f"money budget {b.money:g} {cfg.cost.currency} reached ({spent:.2f} spent)"
+        return None
+
+    return stop
+
+
 def _check_resumable(cfg: JobConfig, run: RunDir, program: Program) -> None:
     """Resuming is only sound with the settings that produced the finished parts."""
     settings = {
@@ -157,16 +181,8 @@ def _check_resumable(cfg: JobConfig, run: RunDir, program: Program) -> None:
 
 
 def _write_distill_set(table: pa.Table, run: RunDir) -> dict:
-    rows = table.to_pylist()
-    kept = [r for r in rows if r["kept"]]
-    distill = pa.table(
-        {
-            "id": [r["id"] for r in kept],
-            "prompt": [r["input"] for r in kept],
-            "target": [r["target"] for r in kept],
-        },
-        schema=pa.schema([("id", pa.string()), ("prompt", pa.string()), ("target", pa.string())]),
-    )
+    rows = table.select(["vote_count", "vote_total", "kept", "vote_reason"]).to_pylist()
+    distill = distill_rows(table)
     tmp = run.root / ".distill.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -175,8 +191,8 @@ def _write_distill_set(table: pa.Table, run: RunDir) -> dict:
     histogram = Counter(f"{r['vote_count']}/{r['vote_total']}" for r in rows)
     return {
         "inputs": len(rows),
-        "kept": len(kept),
-        "kept_fraction": len(kept) / len(rows) if rows else 0.0,
+        "kept": distill.num_rows,
+        "kept_fraction": distill.num_rows / len(rows) if rows else 0.0,
         "agreement_histogram": dict(sorted(histogram.items())),
         "drop_reasons": dict(Counter(r["vote_reason"] for r in rows if not r["kept"])),
     }
@@ -268,14 +284,67 @@ def report(run: RunDir) -> None:
     write_report(run)
 
 
+def generate_and_train(cfg: JobConfig, run: RunDir, log=print) -> dict:
+    """train.streaming: generation and training at once, on resources of their own. The
+    trainer consumes the voted, kept rows as the engines produce them (one pass), while
+    every voted block also lands in generate/ as in the sequential mode."""
+    from s2d_ray import training
+    from s2d_ray.cluster import ray_session
+    from s2d_ray.generation import distillation_stream
+
+    start_run(cfg, run)
+    model = resolve_model(cfg.model.name, cfg.model.path)
+    examples = cfg.task.examples("train")
+    program = cfg.program(cfg.method.name)
+    passes = generation_passes(cfg, program)
+    _check_resumable(cfg, run, program)
+    wanted = {e.id for e in examples}
+    earlier = load_results(run.generate)
+    if earlier is not None:
+        earlier = earlier.filter(pa.compute.is_in(earlier.column("id"), pa.array(sorted(wanted))))
+        log(f"resuming: {earlier.num_rows} inputs already in generate/; their kept rows are trained on first")
+    done = set(earlier.column("id").to_pylist()) if earlier is not None else set()
+    todo = [e for e in examples if e.id not in done]
+    log(f"generate + train (streaming): {len(todo)} inputs x {cfg.filter.samples} samples of {program.name}")
+    started = time.perf_counter()
+    with ray_session(cfg):
+        stream = distillation_stream(
+            todo, passes, run.generate, distill_rows(earlier) if earlier is not None else None,
+            task=cfg.task, model_path=str(model), engine=cfg.engine, dtype=cfg.model.dtype, seed=cfg.sampling.seed,
+            vote={"label": "system2", "filt": cfg.filter},
+        )  # fmt: skip
+        try:
+            tstats = training.train_stream(stream, model, run.model, run.ray_train, cfg.train, log=log)
+        except EmptyDistillSet:
+            if run.model.exists():
+                shutil.rmtree(run.model)
+            raise
+        finally:
+            seconds = time.perf_counter() - started
+            table = load_results(run.generate)
+            table = table.filter(pa.compute.is_in(table.column("id"), pa.array(sorted(wanted))))
+            stats = _write_distill_set(table, run)
+            stats.update(seconds=seconds, streaming=True, generated_now=len(todo), resumed=len(done))
+            stats.update(_generation_figures(table, passes, cfg.filter.samples))
+            _record(cfg, run, "generate", stats)
+            log(f"generate: kept {stats['kept']} of {stats['inputs']} inputs for distillation")
+    tstats["seconds"] = seconds
+    _record(cfg, run, "train", tstats)
+    log(f"train: {tstats['steps']} steps (streaming), final loss {tstats['final_loss']:.4f}, model in {run.model}")
+    return tstats
+
+
 def run_all(cfg: JobConfig, run: RunDir, log=print) -> dict:
     from s2d_ray.cluster import ray_session
 
     started = time.perf_counter()
     with ray_session(cfg):  # one Ray for all stages; each stage's engines are gone before the next
-        generate(cfg, run, log)
         try:
-            train(cfg, run, log)
+            if cfg.train.streaming:
+                generate_and_train(cfg, run, log)
+            else:
+                generate(cfg, run, log)
+                train(cfg, run, log)
         except EmptyDistillSet as err:
             # Still worth evaluating System 1 and System 2; the report says why there is no model.
             log(f"train: skipped: {err}")

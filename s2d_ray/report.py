@@ -89,6 +89,18 @@ def render(run: RunDir) -> str:
         for name, st in stages.items()
     ]
     gen = stages.get("generate", {})
+    predicted = info.get("estimate", {}).get("stages", {})
+    est_rows = [
+        [
+            html.escape(name),
+            f"{p.get('tokens', 0):,.0f}",
+            f"{stages.get(name, {}).get('tokens') or 0:,}" if name in stages else "not run",
+            f"{p.get('device_hours', 0):.4f}",
+            f"{stages[name].get('device_hours', 0):.4f}" if name in stages else "",
+            f"{p.get('cost', 0):.2f} / " + (f"{stages[name].get('cost', 0):.2f}" if name in stages else "-"),
+        ]
+        for name, p in predicted.items()
+    ]
     verdict = evals.get("distillability", {}).get("text", "Not evaluated yet.")
     notes = []
     if embedded:
@@ -115,6 +127,8 @@ def render(run: RunDir) -> str:
                 f"({100 * gen.get('samples_drawn', 0) / gen['samples_budget']:.0f}%"
                 + (", adaptive voting" if f.get("adaptive") else "") + ").</p>"
             )
+        if gen.get("budget_stop"):
+            filt += f'<p class="note">Generation stopped early: {html.escape(gen["budget_stop"])}.</p>'
         if gen.get("usc_selection"):
             how = ", ".join(f"{k}: {v}" for k, v in sorted(gen["usc_selection"].items()))
             filt += f"<p>USC choices by how they were made: {html.escape(how)}.</p>"
@@ -146,6 +160,10 @@ Evaluated on the <b>{html.escape(str(evals.get('split', '')))}</b> split.</p>
 {filt}
 <h2>Stages: time, tokens, cost</h2>
 {_table(["stage", "wall seconds", "tokens", "device-hours", "cost"], stage_rows)}
+<h2>Estimate beside measurement</h2>
+{_table(["stage", "tokens (estimated)", "tokens (measured)", "device-hours (estimated)", "device-hours (measured)", f"cost estimated / measured ({html.escape(currency)})"], est_rows) if est_rows else "<p>No estimate recorded.</p>"}
+<p>The estimate (<code>s2d estimate</code>) is made from the job's sizes and the throughput assumptions in
+<code>run.json</code>; training tokens count the padded-free tokens the trainer saw.</p>
 <p>Price per device-hour: {cost.get('device_hour_price', 0)} {html.escape(currency)}.
 Device-hours count every device a stage held (engines at the pool's maximum size, trainer workers) for its wall time.</p>
 </body></html>

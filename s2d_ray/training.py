@@ -18,6 +18,7 @@ from pathlib import Path
 from s2d_ray.chat import chat_prompt
 from s2d_ray.config import TrainConfig
 from s2d_ray.errors import S2DError
+from s2d_ray.placement import FAKE_GPUS_ENV, fake_gpus, trainer_scaling
 
 IGNORE = -100
 
@@ -26,11 +27,12 @@ class EmptyDistillSet(S2DError):
     """No input passed the filter: there is nothing to fine-tune on."""
 
 
-def build_zero3_config(cfg: TrainConfig, world_size: int, total_steps: int) -> dict:
+def build_zero3_config(cfg: TrainConfig, world_size: int, total_steps: int, on_cpu: bool | None = None) -> dict:
     """The DeepSpeed config for ZeRO-3 full fine-tuning, from the job's train section."""
+    on_cpu = not cfg.use_gpu if on_cpu is None else on_cpu
     zero = {
         "stage": 3,
-        "overlap_comm": cfg.use_gpu,
+        "overlap_comm": not on_cpu,
         "contiguous_gradients": True,
         "reduce_bucket_size": 5e7,
         "stage3_prefetch_bucket_size": 5e7,
@@ -120,6 +122,9 @@ def _cycle_batches(shard, batch_size: int):
 def train_loop(config: dict) -> None:
     """Runs in every Ray Train worker."""
     os.environ.update(config["env"])  # before DeepSpeed picks its accelerator on import
+    from s2d_ray.placement import pin_assigned_gpus
+
+    pin_assigned_gpus()  # before CUDA initialises
     import deepspeed
     import ray.train
     import torch
@@ -127,15 +132,15 @@ def train_loop(config: dict) -> None:
     from transformers.integrations import HfDeepSpeedConfig
 
     cfg = TrainConfig.model_validate(config["train"])
-    if not cfg.use_gpu:
+    if config["on_cpu"]:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
     steps = config["steps"]
     # Ray Train already set up torch.distributed; DeepSpeed wraps that process group.
-    deepspeed.init_distributed(dist_backend=cfg.backend)
-    ds_config = build_zero3_config(cfg, world, steps)
+    deepspeed.init_distributed(dist_backend=config["backend"])
+    ds_config = build_zero3_config(cfg, world, steps, on_cpu=config["on_cpu"])
     # Must exist before from_pretrained so the weights load straight into ZeRO-3 shards.
     hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841 (kept alive on purpose)
     tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
@@ -151,14 +156,22 @@ def train_loop(config: dict) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
 
     shard = ray.train.get_dataset_shard("train")
-    batches = _cycle_batches(shard, cfg.micro_batch_size)
+    if config["stream"]:
+        # One pass over the distillation stream as generation produces it; the split is
+        # equal across ranks, so every rank runs out at the same step.
+        batches = iter(shard.iter_batches(batch_size=cfg.micro_batch_size, batch_format="pandas"))
+    else:
+        batches = _cycle_batches(shard, cfg.micro_batch_size)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     started = time.perf_counter()
     tokens_seen = 0
+    metrics = {"step": 0, "loss": None, "tokens": 0, "seconds": 0.0}
     for step in range(1, steps + 1):
         losses = []
         for _ in range(cfg.grad_accum):
-            batch = next(batches)
+            batch = next(batches, None)
+            if batch is None:
+                break
             encoded = [encode(tokenizer, p, t, cfg.max_seq_len) for p, t in zip(batch["prompt"], batch["target"])]
             input_ids, labels, mask = collate(encoded, pad)
             tokens_seen += int(mask.sum())
@@ -166,6 +179,10 @@ def train_loop(config: dict) -> None:
             engine.backward(loss)
             engine.step()
             losses.append(float(loss))
+        if not losses:
+            if rank == 0:
+                print(f"train: the stream ended after {step - 1} of {steps} steps", flush=True)
+            break
         elapsed = time.perf_counter() - started
         metrics = {"step": step, "loss": sum(losses) / len(losses), "tokens": tokens_seen, "seconds": elapsed}
         if rank == 0:
@@ -175,6 +192,9 @@ def train_loop(config: dict) -> None:
                 flush=True,
             )
 
+    if metrics["step"] == 0:  # nothing came down the stream: no model, not the base one renamed
+        ray.train.report(metrics)
+        return
     # Collective: every rank takes part in gathering the ZeRO-3 shards.
     state = engine._zero3_consolidated_16bit_state_dict()
     export = Path(tempfile.mkdtemp(prefix="s2d-export-"))
@@ -193,10 +213,6 @@ def train_loop(config: dict) -> None:
 def train(distill_dir: Path, model_path: Path, out_dir: Path, storage: Path, cfg: TrainConfig, log=print) -> dict:
     """Fine-tune on the distillation set; writes a Hugging Face checkpoint to `out_dir`."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from s2d_ray.rundir import replace_dir
 
     # Materialized up front: the distillation set is small text, and the trainer workers
     # may hold every CPU, which would leave a lazy read waiting for ever.
@@ -211,13 +227,30 @@ def train(distill_dir: Path, model_path: Path, out_dir: Path, storage: Path, cfg
         ds = ray.data.from_items(ds.take_all() * math.ceil(cfg.workers / rows)).materialize()
     steps = total_steps(cfg, rows)
     log(f"training: {rows} rows, {steps} steps, {cfg.workers} workers, ZeRO-3")
+    return fit(ds, rows, steps, model_path, out_dir, storage, cfg, stream=False)
+
+
+def train_stream(ds, model_path: Path, out_dir: Path, storage: Path, cfg: TrainConfig, log=print) -> dict:
+    """Fine-tune on a distillation stream while it is generated (one pass, `cfg.steps` at most)."""
+    log(f"training: streaming, up to {cfg.steps} steps, {cfg.workers} workers, ZeRO-3")
+    return fit(ds, None, cfg.steps, model_path, out_dir, storage, cfg, stream=True)
+
+
+def fit(ds, rows: int | None, steps: int, model_path: Path, out_dir: Path, storage: Path, cfg: TrainConfig, stream: bool) -> dict:
+    """Run the Ray Train worker group over `ds` and move its checkpoint into `out_dir`."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from s2d_ray.rundir import replace_dir
+
     env = {"TOKENIZERS_PARALLELISM": "false"}
-    if not cfg.use_gpu:
+    on_cpu = not cfg.use_gpu or fake_gpus()  # fake GPUs (tests): GPU resources, CPU compute
+    if on_cpu:
         env["DS_ACCELERATOR"] = "cpu"
         env["OMP_NUM_THREADS"] = str(max(1, int(cfg.cpus_per_worker)))
-    resources = {"CPU": cfg.cpus_per_worker}
-    if cfg.use_gpu:
-        resources["GPU"] = cfg.gpus_per_worker
+    if fake_gpus():
+        env[FAKE_GPUS_ENV] = "1"
+    backend = "gloo" if on_cpu else cfg.backend
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -225,23 +258,29 @@ def train(distill_dir: Path, model_path: Path, out_dir: Path, storage: Path, cfg
             "model_path": str(model_path),
             "steps": steps,
             "env": env,
+            "on_cpu": on_cpu,
+            "backend": backend,
+            "stream": stream,
         },
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend=cfg.backend),
+        scaling_config=ScalingConfig(**trainer_scaling(cfg)),
+        torch_config=TorchConfig(backend=backend),
         datasets={"train": ds},
         run_config=RunConfig(name="train", storage_path=str(storage)),
     )
     started = time.perf_counter()
     result = trainer.fit()
+    metrics = result.metrics or {}
     if result.checkpoint is None:
+        if stream and not metrics.get("step"):
+            raise EmptyDistillSet("the distillation stream brought no rows: the filter kept no input")
         raise S2DError("training finished without a checkpoint")
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     result.checkpoint.to_directory(str(tmp))
     replace_dir(tmp, out_dir)
-    metrics = result.metrics or {}
     return {
         "rows": rows,
-        "steps": steps,
+        "steps": metrics.get("step", steps),
+        "streaming": stream,
         "final_loss": metrics.get("loss"),
         "tokens": metrics.get("tokens_total"),
         "seconds": time.perf_counter() - started,

@@ -20,8 +20,8 @@ TINY = [
 ]
 
 
-def s2d(*args, check=True, timeout=1500, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def s2d(*args, check=True, timeout=1500, env=None, **kw) -> subprocess.CompletedProcess:
+    env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
         [*S2D, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw
     )

@@ -1,0 +1,138 @@
+"""Where work runs on a Ray cluster, and whether the cluster can hold it.
+
+* A generator engine reserves tensor_parallel x pipeline_parallel GPUs: one GPU
+  directly, or a placement group of one bundle per GPU, packed on one node (tensor
+  parallel) or spread over nodes stage by stage (pipeline parallel), plus its CPUs.
+* The trainer group is `train.workers` bundles of one GPU each (one DeepSpeed rank
+  per GPU), placed with `train.placement_strategy`.
+* `check_cluster` compares both with the live cluster's GPU nodes before anything is
+  allocated, and fails with one line when the job cannot run there.
+
+`S2D_FAKE_GPUS=1` is for tests on a local multi-node cluster whose nodes declare GPUs
+they do not have (`ray.cluster_utils.Cluster`): GPU resources are requested exactly as
+on a real cluster, but the engines and trainers behind them run on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+from s2d_ray.errors import S2DError
+
+FAKE_GPUS_ENV = "S2D_FAKE_GPUS"
+NOSET_ENV = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+
+
+def fake_gpus() -> bool:
+    return os.environ.get(FAKE_GPUS_ENV, "") not in ("", "0")
+
+
+def runs_on_cpu(device: str) -> bool:
+    """The compute device behind the resources: CPU locally and with fake GPUs."""
+    return device == "cpu" or fake_gpus()
+
+
+def visible_devices_env(environ: dict, gpu_ids: list) -> dict[str, str]:
+    """With RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES set (some clusters set it for
+    their own tools), Ray no longer narrows CUDA_VISIBLE_DEVICES, every engine and rank
+    sees every GPU of the node and all of them pick GPU 0. Pin the GPUs Ray assigned."""
+    if environ.get(NOSET_ENV, "") in ("", "0") or not gpu_ids:
+        return {}
+    return {"CUDA_VISIBLE_DEVICES": ",".join(str(int(i)) for i in gpu_ids)}
+
+
+def pin_assigned_gpus() -> None:
+    """Call in an actor or Ray Train worker before CUDA is initialised."""
+    import ray
+
+    os.environ.update(visible_devices_env(dict(os.environ), ray.get_gpu_ids()))
+
+
+def engine_bundles(tensor_parallel: int, pipeline_parallel: int, cpus: float) -> tuple[list[dict], str]:
+    """One GPU bundle per engine GPU (the first also holds the actor's CPUs), and the
+    strategy: a tensor-parallel group must share a node; pipeline stages may not."""
+    gpus = tensor_parallel * pipeline_parallel
+    bundles = [{"GPU": 1, "CPU": cpus}] + [{"GPU": 1} for _ in range(gpus - 1)]
+    return bundles, "STRICT_PACK" if pipeline_parallel == 1 else "PACK"
+
+
+def engines_that_fit(node_gpus: list[int], tensor_parallel: int, pipeline_parallel: int) -> int:
+    groups = sum(n // tensor_parallel for n in node_gpus)  # tensor-parallel groups that fit on one node each
+    return groups // pipeline_parallel
+
+
+def check_cluster(cfg, node_gpus: list[int]) -> None:
+    """One clear line when the live cluster cannot hold the job's GPU work.
+
+    An autoscaling cluster declares what it can grow to (`cluster.gpus_per_node` and
+    `cluster.max_nodes`, checked when the job file is loaded); only a cluster without
+    that declaration is held to the GPUs it has now."""
+    e, t = cfg.engine, cfg.train
+    if e.gpus_per_engine == 0 and not t.use_gpu:
+        return
+    if cfg.cluster.max_nodes is not None and cfg.cluster.gpus_per_node is not None:
+        return
+    nodes = [n for n in node_gpus if n > 0]
+    have = f"the cluster has {sum(nodes)} GPUs on {len(nodes)} node(s) ({', '.join(map(str, nodes)) or 'none'})"
+    hint = "; if it autoscales, declare cluster.gpus_per_node and cluster.max_nodes"
+    if e.gpus_per_engine:
+        if e.tensor_parallel > max(nodes, default=0):
+            raise S2DError(f"engine.tensor_parallel {e.tensor_parallel} needs that many GPUs on one node; {have}{hint}")
+        fit = engines_that_fit(nodes, e.tensor_parallel, e.pipeline_parallel)
+        if fit < e.concurrency[0]:
+            raise S2DError(
+                f"engine.concurrency needs at least {e.concurrency[0]} engines of {e.gpus_per_engine} GPUs; "
+                f"{have}, room for {fit}{hint}"
+            )
+    if t.use_gpu:
+        if t.placement_strategy == "STRICT_PACK" and max(nodes, default=0) < t.workers:
+            raise S2DError(f"train.placement_strategy STRICT_PACK puts {t.workers} workers on one node; {have}{hint}")
+        if t.placement_strategy == "STRICT_SPREAD" and len(nodes) < t.workers:
+            raise S2DError(f"train.placement_strategy STRICT_SPREAD needs {t.workers} GPU nodes; {have}{hint}")
+        need = t.workers + (e.concurrency[0] * e.gpus_per_engine if t.streaming else 0)
+        if sum(nodes) < need:
+            what = f"{t.workers} trainer GPUs" + (" plus the minimum engines (train.streaming)" if t.streaming else "")
+            raise S2DError(f"{what}: {need} GPUs; {have}{hint}")
+
+
+def live_node_gpus() -> list[int]:
+    import ray
+
+    return [int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
+
+
+def engine_remote_args(cfg, env: dict) -> dict:
+    """Ray resources of one generator actor: its CPUs, and its GPUs on a cluster."""
+    if cfg.device == "cpu":
+        return {"num_cpus": cfg.cpus_per_engine, "runtime_env": {"env_vars": env}}
+    if cfg.gpus_per_engine == 1:
+        return {"num_cpus": cfg.cpus_per_engine, "num_gpus": 1, "runtime_env": {"env_vars": env}}
+    bundles, strategy = engine_bundles(cfg.tensor_parallel, cfg.pipeline_parallel, cfg.cpus_per_engine)
+
+    def placement() -> dict:
+        # A group per engine actor: vLLM's Ray executor starts its GPU workers inside it.
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        pg = ray.util.placement_group(bundles, strategy=strategy)
+        return {
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
+            )
+        }
+
+    # The actor takes the first bundle's CPUs; its GPUs belong to vLLM's workers.
+    return {"num_cpus": cfg.cpus_per_engine, "ray_remote_args_fn": placement, "runtime_env": {"env_vars": env}}
+
+
+def trainer_scaling(t) -> dict:
+    """Keyword arguments of Ray Train's ScalingConfig for the ZeRO-3 worker group."""
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = 1
+    return {
+        "num_workers": t.workers,
+        "use_gpu": t.use_gpu,
+        "resources_per_worker": resources,
+        "placement_strategy": t.placement_strategy,
+    }

@@ -1,0 +1,143 @@
+"""Submitting a job to a Ray cluster through the Ray Jobs SDK, and following it.
+
+The job file and the package travel in the job's runtime environment (the file in
+`working_dir`, the package in `py_modules`), so the cluster needs only the pinned
+stack (Ray, vLLM, DeepSpeed) in its image. The job file is validated here first: a
+typo fails on the laptop, not after the upload.
+
+Ray token authentication (`RAY_AUTH_MODE=token` on the cluster): the token is read
+from `RAY_AUTH_TOKEN`, else the file named by `RAY_AUTH_TOKEN_PATH`, else
+`~/.ray/auth_token`, and sent as an `Authorization` header. It is never printed or
+logged; errors say where a token was looked for, not what it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import shutil
+import tempfile
+from pathlib import Path
+
+from s2d_ray.errors import S2DError
+
+PACKAGE = Path(__file__).resolve().parent
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def read_token() -> tuple[str | None, str]:
+    """The token and where it came from (for messages; never the token itself)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        try:
+            return Path(path).expanduser().read_text().strip(), "RAY_AUTH_TOKEN_PATH"
+        except OSError:
+            raise S2DError(f"RAY_AUTH_TOKEN_PATH {path}: cannot read the token file") from None
+    default = Path.home() / ".ray" / "auth_token"
+    if default.is_file():
+        return default.read_text().strip(), str(default)
+    return None, "none (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)"
+
+
+def client(address: str | None):
+    """A JobSubmissionClient for the dashboard at `address`, authenticated if a token is set."""
+    from ray.job_submission import JobSubmissionClient
+
+    address = _address(address)
+    if not address:
+        raise S2DError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+    token, source = read_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except Exception as err:  # the SDK raises several types; each becomes one line
+        raise S2DError(_explain(err, address, source)) from None
+
+
+def _explain(err: Exception, address: str, source: str) -> str:
+    text = str(err)
+    if "Authentication failed" in text or "403" in text:
+        return f"the Ray cluster at {address} refused the token from {source}: it is not this cluster's token"
+    if "Authentication required" in text or "401" in text:
+        return f"the Ray cluster at {address} requires a token; none found in {source}"
+    if "Failed to connect" in text or "Connection" in type(err).__name__ or "onnect" in text:
+        return f"cannot reach a Ray dashboard at {address} (is the cluster up, and the address http://HEAD:8265?)"
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return f"Ray at {address}: {first}"
+
+
+def _call(address: str, fn, *args):
+    """Run one SDK call; any failure becomes one line."""
+    try:
+        return fn(*args)
+    except S2DError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise S2DError(_explain(err, address, read_token()[1])) from None
+
+
+def submit(job: Path, overrides: tuple[str, ...], address: str | None, command: str = "run", out: str | None = None) -> tuple[object, str]:
+    """Upload the job file and the package and start `s2d <command>` on the cluster."""
+    from s2d_ray.config import load_config
+
+    cfg = load_config(job, overrides)  # fails here, on the laptop, on any bad setting
+    jc = client(address)
+    staging = Path(tempfile.mkdtemp(prefix="s2d-submit-"))
+    try:
+        shutil.copy(job, staging / "job.yaml")
+        args = ["python", "-m", "s2d_ray.cli", command, "job.yaml"]
+        for o in overrides:
+            args += ["--set", o]
+        if out:
+            args += ["--out", out]
+        runtime_env = {
+            "working_dir": str(staging),
+            "py_modules": [str(PACKAGE)],
+            "env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"},
+        }
+        submit_job = lambda: jc.submit_job(  # noqa: E731
+            entrypoint=shlex.join(args), runtime_env=runtime_env, metadata={"s2d_job": cfg.name}
+        )
+        job_id = _call(_address(address), submit_job)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return jc, job_id
+
+
+def follow(jc, job_id: str, echo=print) -> str:
+    """Stream the job's logs until it ends; return its final status."""
+
+    async def tail() -> None:
+        async for lines in jc.tail_job_logs(job_id):
+            echo(lines.rstrip("\n"))
+
+    asyncio.run(tail())
+    return _status_name(jc.get_job_status(job_id))
+
+
+def _status_name(status) -> str:
+    return str(getattr(status, "value", status))
+
+
+def _address(address: str | None) -> str:
+    return address or os.environ.get("RAY_ADDRESS", "")
+
+
+def status(address: str | None, job_id: str) -> str:
+    jc = client(address)
+    info = _call(_address(address), jc.get_job_info, job_id)
+    message = f" ({info.message})" if getattr(info, "message", None) else ""
+    return f"{job_id}: {_status_name(info.status)}{message}"
+
+
+def logs(address: str | None, job_id: str) -> str:
+    jc = client(address)
+    return _call(_address(address), jc.get_job_logs, job_id)
+
+
+def stop(address: str | None, job_id: str) -> bool:
+    jc = client(address)
+    return bool(_call(_address(address), jc.stop_job, job_id))

@@ -1,0 +1,82 @@
+"""clusters/: the launcher YAML passes Ray's own schema; the KubeRay manifests hold together."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTERS = ROOT / "clusters"
+PINNED = re.compile(r"^[\w./-]+:\d+\.\d+\.\d+-ray2\.60\.0-cu\d+$")  # a version tag, never :latest
+
+
+def _walk(node, key):
+    """Every value stored under `key`, at any depth."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key:
+                yield v
+            yield from _walk(v, key)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _walk(v, key)
+
+
+def test_launcher_config_validates_against_rays_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((CLUSTERS / "aws-70b.yaml").read_text())
+    validate_config(prepare_config(config))  # raises on any schema error
+
+
+def test_launcher_config_is_locked_down_and_pinned():
+    c = yaml.safe_load((CLUSTERS / "aws-70b.yaml").read_text())
+    types = c["available_node_types"]
+    assert "GPU" not in types[c["head_node_type"]]["resources"]  # CPU-only head
+    gpu = [t for t in types.values() if t["resources"].get("GPU")]
+    assert gpu and all(t["min_workers"] == 0 < t["max_workers"] for t in gpu)
+    assert PINNED.match(c["docker"]["image"])
+    assert c["setup_commands"] == []  # no launcher-default pip install of another Ray
+    for cmd in c["head_start_ray_commands"][1:] + c["worker_start_ray_commands"][1:]:
+        assert "RAY_AUTH_MODE=token" in cmd
+    assert "--dashboard-host=127.0.0.1" in c["head_start_ray_commands"][1]
+    ranges = [r["CidrIp"] for p in c["provider"]["security_group"]["IpPermissions"] for r in p["IpRanges"]]
+    assert "0.0.0.0/0" not in ranges
+    assert all(p["FromPort"] != 8265 for p in c["provider"]["security_group"]["IpPermissions"])
+
+
+@pytest.mark.parametrize("name, kind", [("raycluster-70b.yaml", "RayCluster"), ("rayjob-last-letter-70b.yaml", "RayJob")])
+def test_kuberay_manifests(name, kind):
+    m = yaml.safe_load((CLUSTERS / "kuberay" / name).read_text())
+    assert m["apiVersion"] == "ray.io/v1" and m["kind"] == kind
+    spec = m["spec"] if kind == "RayCluster" else m["spec"]["rayClusterSpec"]
+    assert spec["rayVersion"] == "2.60.0" and spec["enableInTreeAutoscaling"] is True
+    head = spec["headGroupSpec"]
+    assert head["serviceType"] == "ClusterIP"  # the dashboard is not exposed outside the cluster
+    head_limits = head["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert "nvidia.com/gpu" not in head_limits
+    (workers,) = spec["workerGroupSpecs"]
+    worker = workers["template"]["spec"]["containers"][0]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "8" and workers["minReplicas"] == 0 < workers["maxReplicas"]
+    images = set(_walk(m, "image"))
+    assert len(images) == 1 and PINNED.match(images.pop())
+    for env in _walk(m, "env"):
+        names = {e["name"]: e for e in env}
+        assert names["RAY_AUTH_MODE"]["value"] == "token"
+        assert "secretKeyRef" in names["RAY_AUTH_TOKEN"]["valueFrom"]  # from a Secret, never inline
+    if kind == "RayJob":
+        entry = m["spec"]["entrypoint"].split()
+        assert entry[:4] == ["python", "-m", "s2d_ray.cli", "run"]
+        assert (ROOT / entry[4]).is_file()  # a job file the image carries (clusters/Dockerfile copies the repo)
+
+
+def test_the_cluster_jobs_match_the_declared_cluster():
+    from s2d_ray.config import load_config
+
+    c = yaml.safe_load((CLUSTERS / "aws-70b.yaml").read_text())
+    gpu_type = next(t for t in c["available_node_types"].values() if t["resources"].get("GPU"))
+    for job in sorted((ROOT / "jobs" / "paper").glob("*.yaml")):
+        cfg = load_config(job)
+        assert cfg.cluster.gpus_per_node == gpu_type["resources"]["GPU"], job.name
+        assert cfg.cluster.max_nodes == gpu_type["max_workers"], job.name
