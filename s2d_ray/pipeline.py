@@ -20,7 +20,7 @@ import pyarrow as pa
 from s2d_ray.config import JobConfig, config_dict
 from s2d_ray.errors import S2DError
 from s2d_ray.evaluation import distillability, score_pass
-from s2d_ray.generation import Pass, distill_rows, load_results, run_passes
+from s2d_ray.generation import Pass, distill_rows, finished_ids, load_results, run_passes
 from s2d_ray.methods import METHODS, Program
 from s2d_ray.models import resolve_model
 from s2d_ray.report import write_report
@@ -313,21 +313,31 @@ def generate_and_train(cfg: JobConfig, run: RunDir, log=print) -> dict:
             task=cfg.task, model_path=str(model), engine=cfg.engine, dtype=cfg.model.dtype, seed=cfg.sampling.seed,
             vote={"label": "system2", "filt": cfg.filter},
         )  # fmt: skip
+        empty = None
         try:
             tstats = training.train_stream(stream, model, run.model, run.ray_train, cfg.train, log=log)
-        except EmptyDistillSet:
+        except EmptyDistillSet as err:
             if run.model.exists():
                 shutil.rmtree(run.model)
-            raise
-        finally:
-            seconds = time.perf_counter() - started
-            table = load_results(run.generate)
-            table = table.filter(pa.compute.is_in(table.column("id"), pa.array(sorted(wanted))))
-            stats = _write_distill_set(table, run)
-            stats.update(seconds=seconds, streaming=True, generated_now=len(todo), resumed=len(done))
-            stats.update(_generation_figures(table, passes, cfg.filter.samples))
-            _record(cfg, run, "generate", stats)
-            log(f"generate: kept {stats['kept']} of {stats['inputs']} inputs for distillation")
+            empty = err
+        seconds = time.perf_counter() - started
+        # Training may reach train.steps before the stream ends: generate/ is still completed.
+        left = [e for e in examples if e.id not in finished_ids(run.generate)]
+        if left:
+            log(f"generate: {len(left)} inputs after training stopped (train.steps reached); not trained on")
+            run_passes(
+                left, passes, task=cfg.task, model_path=str(model), engine=cfg.engine, dtype=cfg.model.dtype,
+                seed=cfg.sampling.seed, out_dir=run.generate, vote={"label": "system2", "filt": cfg.filter}, log=log,
+            )  # fmt: skip
+        table = load_results(run.generate)
+        table = table.filter(pa.compute.is_in(table.column("id"), pa.array(sorted(wanted))))
+        stats = _write_distill_set(table, run)
+        stats.update(seconds=time.perf_counter() - started, streaming=True, generated_now=len(todo), resumed=len(done))
+        stats.update(_generation_figures(table, passes, cfg.filter.samples))
+        _record(cfg, run, "generate", stats)
+        log(f"generate: kept {stats['kept']} of {stats['inputs']} inputs for distillation")
+    if empty is not None:
+        raise empty
     tstats["seconds"] = seconds
     _record(cfg, run, "train", tstats)
     log(f"train: {tstats['steps']} steps (streaming), final loss {tstats['final_loss']:.4f}, model in {run.model}")

@@ -29,6 +29,8 @@ def head(tmp_path_factory):
     token = secrets.token_hex(24)
     home = tmp_path_factory.mktemp("home")  # no ~/.ray/auth_token to fall back on
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    # The job's `python` is the cluster's: here, this virtualenv's.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     dash = _free_port()
     subprocess.run(
         [RAY, "start", "--head", f"--port={_free_port()}", "--num-cpus=2", "--include-dashboard=true",
@@ -66,7 +68,7 @@ def test_submit_runs_a_tiny_job_with_the_token(head, tmp_path, local_job):
     stage = json.loads((out / "run.json").read_text())["stages"]["generate"]
     assert stage["budget_stop"].startswith("token budget 1 reached") and "1 of 2 inputs" in stage["budget_stop"]
     job_id = proc.stdout.split("submitted: ")[1].split()[0]
-    assert s2d("jobs", "status", job_id, "--address", address, env=env).stdout.strip().endswith("SUCCEEDED")
+    assert s2d("jobs", "status", job_id, "--address", address, env=env).stdout.startswith(f"{job_id}: SUCCEEDED")
     logs = s2d("jobs", "logs", job_id, "--address", address, env=env).stdout
     assert "generate: 2 inputs" in logs
     for text in (proc.stdout, proc.stderr, logs):
