@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from s2d_ray.config import EngineConfig, FilterConfig
 from s2d_ray.engine import CPU_ENGINE_ENV, GPU_ENGINE_ENV
 from s2d_ray.filters import Vote, adaptive_vote, first_round, majority_vote, no_filter, swap_vote, usc_vote
 from s2d_ray.methods import Program
-from s2d_ray.placement import FAKE_GPUS_ENV, engine_remote_args, fake_gpus, runs_on_cpu
+from s2d_ray.placement import FAKE_GPUS_ENV, engine_remote_args, fake_gpus, release_engine_groups, runs_on_cpu
 from s2d_ray.rundir import read_parts, write_part
 from s2d_ray.tasks import Example, Task
 
@@ -175,7 +176,7 @@ def _rows(examples: list[Example]) -> list[dict]:
 
 
 def generation_dataset(todo: list[Example], passes: list[Pass], *, task: Task, model_path, engine: EngineConfig,
-                       dtype: str, seed: int, vote: dict | None = None):  # fmt: skip
+                       dtype: str, seed: int, vote: dict | None = None, tag: str = ""):  # fmt: skip
     """The lazy Ray Data pipeline: inputs -> GeneratorActor pool (autoscaling min..max) -> vote."""
     import ray
 
@@ -189,7 +190,7 @@ def generation_dataset(todo: list[Example], passes: list[Pass], *, task: Task, m
         batch_size=engine.batch_size,
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-        **engine_remote_args(engine, engine_env(engine)),
+        **engine_remote_args(engine, engine_env(engine), tag),
     )
     if vote is not None:
         # Voting is cheap bookkeeping: it must never wait for a CPU the engines hold.
@@ -228,10 +229,10 @@ def _write_and_keep(block: pa.Table, writer) -> pa.Table:
     return distill_rows(block)
 
 
-def distillation_stream(todo: list[Example], passes: list[Pass], out_dir: Path, earlier: pa.Table | None, **kw):
+def distillation_stream(todo: list[Example], passes: list[Pass], out_dir: Path, earlier: pa.Table | None, tag: str, **kw):
     """Streaming mode: the generation pipeline whose voted blocks are written to `out_dir`
     as they finish and whose kept rows flow on to the trainer (plus `earlier` kept rows
-    of a resumed run)."""
+    of a resumed run). Its engines' placement groups carry `tag` (release them after)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -243,7 +244,7 @@ def distillation_stream(todo: list[Example], passes: list[Pass], out_dir: Path, 
     if earlier is not None and earlier.num_rows:
         parts.append(ray.data.from_arrow(earlier))
     if todo:
-        ds = generation_dataset(todo, passes, **kw)
+        ds = generation_dataset(todo, passes, **kw, tag=tag)
         parts.append(ds.map_batches(_write_and_keep, fn_kwargs={"writer": writer}, batch_format="pyarrow", batch_size=None, num_cpus=0))
     if not parts:
         return ray.data.from_arrow(DISTILL_SCHEMA.empty_table())
@@ -281,14 +282,21 @@ def run_passes(
     spent = _tokens(read_parts(out_dir, columns=token_columns), token_columns) if done else 0
     stopped = budget(spent, 0.0) if budget and todo else None
     if todo and not stopped:
-        ds = generation_dataset(todo, passes, task=task, model_path=model_path, engine=engine, dtype=dtype, seed=seed, vote=vote)
-        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            if block.num_rows:
-                write_part(out_dir, _uniform(block))
-                written += block.num_rows
-                spent += _tokens(block, token_columns)
-            if budget and (stopped := budget(spent, time.perf_counter() - started)):
-                break  # closing the stream shuts the pipeline and its engines down
+        tag = uuid.uuid4().hex[:8]
+        ds = generation_dataset(
+            todo, passes, task=task, model_path=model_path, engine=engine, dtype=dtype, seed=seed, vote=vote, tag=tag
+        )
+        try:
+            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                if block.num_rows:
+                    write_part(out_dir, _uniform(block))
+                    written += block.num_rows
+                    spent += _tokens(block, token_columns)
+                if budget and (stopped := budget(spent, time.perf_counter() - started)):
+                    break  # closing the stream shuts the pipeline and its engines down
+        finally:
+            if engine.gpus_per_engine > 1:
+                release_engine_groups(tag)
     if stopped:
         log(f"budget: {stopped}; stopped with {len(done) + written} of {len(examples)} inputs generated")
     return {

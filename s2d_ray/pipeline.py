@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 import time
+import uuid
 from collections import Counter
 from importlib import metadata
 
@@ -23,6 +24,7 @@ from s2d_ray.evaluation import distillability, score_pass
 from s2d_ray.generation import Pass, distill_rows, finished_ids, load_results, run_passes
 from s2d_ray.methods import METHODS, Program
 from s2d_ray.models import resolve_model
+from s2d_ray.placement import release_engine_groups
 from s2d_ray.report import write_report
 from s2d_ray.rundir import RunDir, atomic_write_json, replace_dir, write_part
 from s2d_ray.training import EmptyDistillSet
@@ -307,9 +309,10 @@ def generate_and_train(cfg: JobConfig, run: RunDir, log=print) -> dict:
     todo = [e for e in examples if e.id not in done]
     log(f"generate + train (streaming): {len(todo)} inputs x {cfg.filter.samples} samples of {program.name}")
     started = time.perf_counter()
+    tag = uuid.uuid4().hex[:8]
     with ray_session(cfg):
         stream = distillation_stream(
-            todo, passes, run.generate, distill_rows(earlier) if earlier is not None else None,
+            todo, passes, run.generate, distill_rows(earlier) if earlier is not None else None, tag,
             task=cfg.task, model_path=str(model), engine=cfg.engine, dtype=cfg.model.dtype, seed=cfg.sampling.seed,
             vote={"label": "system2", "filt": cfg.filter},
         )  # fmt: skip
@@ -320,6 +323,8 @@ def generate_and_train(cfg: JobConfig, run: RunDir, log=print) -> dict:
             if run.model.exists():
                 shutil.rmtree(run.model)
             empty = err
+        finally:
+            release_engine_groups(tag)  # the stream's engines are done; free their GPUs
         seconds = time.perf_counter() - started
         # Training may reach train.steps before the stream ends: generate/ is still completed.
         left = [e for e in examples if e.id not in finished_ids(run.generate)]

@@ -16,10 +16,12 @@ on a real cluster, but the engines and trainers behind them run on CPU.
 from __future__ import annotations
 
 import os
+import uuid
 
 from s2d_ray.errors import S2DError
 
 FAKE_GPUS_ENV = "S2D_FAKE_GPUS"
+GROUP_PREFIX = "s2d-engine-"
 NOSET_ENV = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 
 
@@ -101,8 +103,12 @@ def live_node_gpus() -> list[int]:
     return [int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
 
 
-def engine_remote_args(cfg, env: dict) -> dict:
-    """Ray resources of one generator actor: its CPUs, and its GPUs on a cluster."""
+def engine_remote_args(cfg, env: dict, tag: str = "") -> dict:
+    """Ray resources of one generator actor: its CPUs, and its GPUs on a cluster.
+
+    Placement groups are named `s2d-engine-<tag>-...` so that `release_engine_groups(tag)`
+    can free every GPU of a stage when it ends, whichever process (driver, or Ray Train's
+    data coordinator when streaming) started the engines."""
     if cfg.device == "cpu":
         return {"num_cpus": cfg.cpus_per_engine, "runtime_env": {"env_vars": env}}
     if cfg.gpus_per_engine == 1:
@@ -114,7 +120,7 @@ def engine_remote_args(cfg, env: dict) -> dict:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        pg = ray.util.placement_group(bundles, strategy=strategy)
+        pg = ray.util.placement_group(bundles, strategy=strategy, name=f"{GROUP_PREFIX}{tag}-{uuid.uuid4().hex[:8]}")
         return {
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
                 pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
@@ -136,3 +142,21 @@ def trainer_scaling(t) -> dict:
         "resources_per_worker": resources,
         "placement_strategy": t.placement_strategy,
     }
+
+
+def release_engine_groups(tag: str) -> int:
+    """Remove the engines' placement groups of one stage (their GPUs go back to the
+    cluster for the trainer or the next stage); returns how many were removed."""
+    import ray
+    from ray.util.placement_group import get_placement_group, remove_placement_group
+
+    removed = 0
+    for group in ray.util.placement_group_table().values():
+        name = group.get("name") or ""
+        if name.startswith(f"{GROUP_PREFIX}{tag}-") and group.get("state") != "REMOVED":
+            try:
+                remove_placement_group(get_placement_group(name))
+                removed += 1
+            except ValueError:  # already gone
+                pass
+    return removed

@@ -163,7 +163,7 @@ Evaluated on the <b>{html.escape(str(evals.get('split', '')))}</b> split.</p>
 <h2>Estimate beside measurement</h2>
 {_table(["stage", "tokens (estimated)", "tokens (measured)", "device-hours (estimated)", "device-hours (measured)", f"cost estimated / measured ({html.escape(currency)})"], est_rows) if est_rows else "<p>No estimate recorded.</p>"}
 <p>The estimate (<code>s2d estimate</code>) is made from the job's sizes and the throughput assumptions in
-<code>run.json</code>; training tokens count the padded-free tokens the trainer saw.</p>
+<code>run.json</code>; measured training tokens count the non-padding tokens the trainer saw.</p>
 <p>Price per device-hour: {cost.get('device_hour_price', 0)} {html.escape(currency)}.
 Device-hours count every device a stage held (engines at the pool's maximum size, trainer workers) for its wall time.</p>
 </body></html>

@@ -77,3 +77,38 @@ def test_generation_grows_with_a_new_node_and_survives_one_leaving(tmp_path, mon
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_a_tensor_parallel_engine_reserves_its_gpus_in_one_packed_placement_group(tmp_path, monkeypatch, local_job):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from s2d_ray import pipeline
+
+    monkeypatch.setenv("S2D_FAKE_GPUS", "1")
+    cfg = load_config(local_job, [
+        *TINY, "engine.device=cuda", "engine.tensor_parallel=2", "engine.concurrency=[1, 1]", "engine.cpus_per_engine=1",
+        "train.use_gpu=true", "train.backend=nccl", "train.workers=1",
+        "task.train=2", "method.name=rar1", "filter.samples=1", "sampling.max_tokens=8",
+    ])  # fmt: skip
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    cluster.add_node(num_cpus=1, num_gpus=1)  # a 1-GPU node cannot hold a 2-GPU engine
+    two_gpus = cluster.add_node(num_cpus=1, num_gpus=2)
+    ray.init(address=cluster.address)
+    try:
+        pipeline.generate(cfg, RunDir(tmp_path), log=lambda m: None)
+        groups = [g for g in ray.util.placement_group_table().values() if (g.get("name") or "").startswith("s2d-engine-")]
+        assert len(groups) == 1, groups
+        (group,) = groups
+        assert group["strategy"] == "STRICT_PACK"
+        assert sorted(b.get("GPU", 0) for b in group["bundles"].values()) == [1, 1]
+        assert group["state"] == "REMOVED"  # released at the end of the stage: the GPUs are free again
+        deadline = time.time() + 30
+        while ray.available_resources().get("GPU", 0) < 3:
+            assert time.time() < deadline, ray.available_resources()
+            time.sleep(1)
+        nodes = pq.read_table(tmp_path / "generate", columns=["engine_node"]).column("engine_node").to_pylist()
+        assert set(nodes) == {two_gpus.node_id}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
