@@ -47,6 +47,13 @@ def params_from_config(config: dict) -> float:
     return float(layers * per_layer + embeddings + h)
 
 
+def llama_shape(params: float) -> tuple[float, float]:
+    """(layers, hidden size) of a Llama-proportioned decoder: params ~ 12 layers h^2 with
+    h ~ 110 layers (Llama-2 7B/13B/70B: 4096/32, 5120/40, 8192/80)."""
+    hidden = (max(params, 0.0) * 110 / 12) ** (1 / 3)
+    return hidden / 110, hidden
+
+
 def model_params(cfg) -> float | None:
     if cfg.model.params_billion:
         return cfg.model.params_billion * 1e9
@@ -84,9 +91,9 @@ def trainer_memory(cfg, params: float) -> dict:
         "gradients": shard * half,
         "optimizer": 0.0 if t.offload_optimizer else shard * 12,
     }
-    # Activations: with checkpointing one hidden state per layer, plus one layer's worth.
-    hidden = (params / 12 / 80) ** 0.5 if params > 0 else 0  # Llama-ish shape: P ~ 12 * layers * h^2
-    layers = 80 * (params / 70e9) ** (1 / 3)
+    # Activations: with checkpointing one hidden state per layer kept, plus one layer's
+    # working set (~16 hidden-sized tensors) while it is recomputed; without, all of them.
+    layers, hidden = llama_shape(params)
     tokens = t.micro_batch_size * t.max_seq_len
     act = tokens * hidden * half * ((layers if t.gradient_checkpointing else 16 * layers) + 16)
     on_gpu["activations"] = act
@@ -111,14 +118,14 @@ def check_fits(cfg) -> None:
             )
         if c.max_nodes is not None:
             total = c.gpus_per_node * c.max_nodes
-            need = e.concurrency[0] * e.gpus_per_engine
-            if need > total:
-                raise ValueError(f"{e.concurrency[0]} engines x {e.gpus_per_engine} GPUs need {need} GPUs; the cluster has at most {total}")
+            engine_gpus = e.concurrency[0] * e.gpus_per_engine
+            if engine_gpus > total:
+                raise ValueError(f"{e.concurrency[0]} engines x {e.gpus_per_engine} GPUs need {engine_gpus} GPUs; the cluster has at most {total}")
             if t.workers > total:
                 raise ValueError(f"train.workers {t.workers} need {t.workers} GPUs; the cluster has at most {total}")
-            if t.streaming and need + t.workers > total:
+            if t.streaming and engine_gpus + t.workers > total:
                 raise ValueError(
-                    f"train.streaming runs {need} engine GPUs and {t.workers} trainer GPUs at once; "
+                    f"train.streaming runs {engine_gpus} engine GPUs and {t.workers} trainer GPUs at once; "
                     f"the cluster has at most {total}"
                 )
     params = model_params(cfg)
@@ -132,17 +139,17 @@ def check_fits(cfg) -> None:
             f"{e.gpu_memory_utilization} leaves {mem['usable_per_gpu_gib']:.1f} GiB: raise engine.tensor_parallel"
         )
     if t.use_gpu:
-        need = trainer_memory(cfg, params)
-        if need["per_gpu_gib"] > c.gpu_memory_gib:
-            parts = ", ".join(f"{k} {v:.1f}" for k, v in need["breakdown_gib"].items())
+        trainer = trainer_memory(cfg, params)
+        if trainer["per_gpu_gib"] > c.gpu_memory_gib:
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in trainer["breakdown_gib"].items())
             raise ValueError(
-                f"ZeRO-3 training of a {params / 1e9:.0f}B model on {t.workers} GPUs needs ~{need['per_gpu_gib']:.0f} GiB "
+                f"ZeRO-3 training of a {params / 1e9:.0f}B model on {t.workers} GPUs needs ~{trainer['per_gpu_gib']:.0f} GiB "
                 f"per GPU ({parts} GiB) > cluster.gpu_memory_gib {c.gpu_memory_gib:g}: add workers or set "
                 "train.offload_optimizer / train.offload_params"
             )
-        if c.host_memory_gib is not None and need["host_per_node_gib"] > c.host_memory_gib:
+        if c.host_memory_gib is not None and trainer["host_per_node_gib"] > c.host_memory_gib:
             raise ValueError(
-                f"CPU offload needs ~{need['host_per_node_gib']:.0f} GiB of host memory per node > "
+                f"CPU offload needs ~{trainer['host_per_node_gib']:.0f} GiB of host memory per node > "
                 f"cluster.host_memory_gib {c.host_memory_gib:g}: add workers (smaller shards) or nodes"
             )
 

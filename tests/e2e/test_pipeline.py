@@ -17,7 +17,7 @@ def run_dir(tmp_path_factory, local_job):
     # and the test needs a non-empty distillation set (voting itself is unit-tested).
     proc = s2d(
         "run", str(local_job), "--out", str(out),
-        *overrides("task.train=16", "task.test=8", "filter.samples=3", "sampling.temperature=0.05"),
+        *overrides("task.train=12", "task.test=6", "filter.samples=3", "sampling.temperature=0.05"),
     )  # fmt: skip
     return out, proc
 
@@ -36,7 +36,7 @@ def test_generate_has_every_input_once_with_samples_votes_and_tokens(run_dir):
     out, _ = run_dir
     table = pq.read_table(out / "generate")
     ids = table.column("id").to_pylist()
-    assert len(ids) == 16 and len(set(ids)) == 16
+    assert len(ids) == 12 and len(set(ids)) == 12
     for row in table.to_pylist():
         assert len(row["system2_answers"]) == 3 and len(row["system2_outputs"]) == 3
         assert row["vote_total"] == 3 and row["system2_tokens"] > 0
@@ -62,7 +62,7 @@ def test_eval_and_run_json(run_dir):
     ev = json.loads((out / "eval.json").read_text())
     for system in ("system1", "system2", "distilled"):
         m = ev[system]
-        assert m["n"] == 8 and 0.0 <= m["accuracy"] <= 1.0
+        assert m["n"] == 6 and 0.0 <= m["accuracy"] <= 1.0
         assert m["mean_generated_tokens"] > 0 and m["seconds"] > 0
     assert ev["system2"]["mean_generated_tokens"] > ev["system1"]["mean_generated_tokens"]
     assert ev["distillability"]["verdict"]
@@ -70,10 +70,14 @@ def test_eval_and_run_json(run_dir):
     assert info["config"]["method"]["name"] == "rar2"
     assert set(info["stages"]) == {"generate", "train", "eval"}
     gen = info["stages"]["generate"]
-    assert gen["inputs"] == 16 and 0 < gen["kept"] <= 16
-    assert sum(gen["agreement_histogram"].values()) == 16
+    assert gen["inputs"] == 12 and 0 < gen["kept"] <= 12
+    assert sum(gen["agreement_histogram"].values()) == 12
     assert info["stages"]["train"]["steps"] == 2 and info["versions"]["ray"] == "2.60.0"
     assert "rephrase" in info["prompts"]["rar2"]
+    # The estimate made before the run sits beside the measurement.
+    assert set(info["estimate"]["stages"]) == {"generate", "train", "eval"}
+    assert info["stages"]["generate"]["tokens"] > 0 and info["stages"]["train"]["tokens"] > 0
+    assert info["stages"]["generate"]["samples_drawn"] == 12 * 3
 
 
 def test_report_is_self_contained_and_honest(run_dir):
@@ -82,3 +86,4 @@ def test_report_is_self_contained_and_honest(run_dir):
     assert "<svg" in page and "<script" not in page and "http://" not in page.replace("http://www.w3.org", "")
     assert "smoke-scale" in page
     assert "System 1" in page and "System 2" in page and "Distilled" in page
+    assert "Estimate beside measurement" in page and "tokens per input by step" in page
