@@ -114,16 +114,24 @@ def engine_remote_args(cfg, env: dict, tag: str = "") -> dict:
     if cfg.gpus_per_engine == 1:
         return {"num_cpus": cfg.cpus_per_engine, "num_gpus": 1, "runtime_env": {"env_vars": env}}
     bundles, strategy = engine_bundles(cfg.tensor_parallel, cfg.pipeline_parallel, cfg.cpus_per_engine)
+    groups: list = []  # at most one group per engine the pool may hold (concurrency max)
+    calls = [0]
 
     def placement() -> dict:
-        # A group per engine actor: vLLM's Ray executor starts its GPU workers inside it.
+        # Ray Data asks for remote args each time it starts an actor (restarts and pending
+        # retries included); the groups form a ring of `max` so that the GPUs reserved
+        # never exceed what the job asks for (an autoscaler would add nodes for the rest).
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        pg = ray.util.placement_group(bundles, strategy=strategy, name=f"{GROUP_PREFIX}{tag}-{uuid.uuid4().hex[:8]}")
+        index = calls[0] % cfg.concurrency[1]
+        calls[0] += 1
+        if index == len(groups):
+            name = f"{GROUP_PREFIX}{tag}-{uuid.uuid4().hex[:8]}"
+            groups.append(ray.util.placement_group(bundles, strategy=strategy, name=name))
         return {
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
+                groups[index], placement_group_bundle_index=0, placement_group_capture_child_tasks=True
             )
         }
 
