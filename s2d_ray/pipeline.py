@@ -92,17 +92,29 @@ def generate(cfg: JobConfig, run: RunDir, log=print) -> dict:
             dtype=cfg.model.dtype, seed=s.seed, out_dir=run.generate, vote=vote, log=log,
             budget=_budget(cfg, run),
         )  # fmt: skip
-    table = load_results(run.generate)
-    wanted = {e.id for e in examples}
-    table = table.filter(pa.compute.is_in(table.column("id"), pa.array(sorted(wanted))))
+    extra = {"generated_now": did["generated"], "resumed": did["skipped"]}
+    return _finish_generation(cfg, run, examples, passes, started, log, budget_stop=did["budget_stop"], **extra)
+
+
+def _finish_generation(cfg: JobConfig, run: RunDir, examples, passes, started: float, log, budget_stop=None, **extra) -> dict:
+    """From generate/ (this job's inputs only): write distill/ and record the stage's figures."""
+    table = _job_rows(run, examples)
     stats = _write_distill_set(table, run)
-    stats.update(seconds=time.perf_counter() - started, generated_now=did["generated"], resumed=did["skipped"])
-    if did["budget_stop"]:
-        stats["budget_stop"] = f"{did['budget_stop']}: {table.num_rows} of {len(examples)} inputs generated"
+    stats.update(seconds=time.perf_counter() - started, **extra)
+    if budget_stop:
+        stats["budget_stop"] = f"{budget_stop}: {table.num_rows} of {len(examples)} inputs generated"
     stats.update(_generation_figures(table, passes, cfg.filter.samples))
     _record(cfg, run, "generate", stats)
     log(f"generate: kept {stats['kept']} of {stats['inputs']} inputs for distillation")
     return stats
+
+
+def _job_rows(run: RunDir, examples) -> pa.Table | None:
+    """generate/ restricted to this job's inputs (a folder may hold rows of a larger run)."""
+    table = load_results(run.generate)
+    if table is None:
+        return None
+    return table.filter(pa.compute.is_in(table.column("id"), pa.array(sorted(e.id for e in examples))))
 
 
 def generation_passes(cfg: JobConfig, program: Program) -> list[Pass]:
@@ -300,10 +312,8 @@ def generate_and_train(cfg: JobConfig, run: RunDir, log=print) -> dict:
     program = cfg.program(cfg.method.name)
     passes = generation_passes(cfg, program)
     _check_resumable(cfg, run, program)
-    wanted = {e.id for e in examples}
-    earlier = load_results(run.generate)
+    earlier = _job_rows(run, examples)
     if earlier is not None:
-        earlier = earlier.filter(pa.compute.is_in(earlier.column("id"), pa.array(sorted(wanted))))
         log(f"resuming: {earlier.num_rows} inputs already in generate/; their kept rows are trained on first")
     done = set(earlier.column("id").to_pylist()) if earlier is not None else set()
     todo = [e for e in examples if e.id not in done]
@@ -334,13 +344,7 @@ def generate_and_train(cfg: JobConfig, run: RunDir, log=print) -> dict:
                 left, passes, task=cfg.task, model_path=str(model), engine=cfg.engine, dtype=cfg.model.dtype,
                 seed=cfg.sampling.seed, out_dir=run.generate, vote={"label": "system2", "filt": cfg.filter}, log=log,
             )  # fmt: skip
-        table = load_results(run.generate)
-        table = table.filter(pa.compute.is_in(table.column("id"), pa.array(sorted(wanted))))
-        stats = _write_distill_set(table, run)
-        stats.update(seconds=time.perf_counter() - started, streaming=True, generated_now=len(todo), resumed=len(done))
-        stats.update(_generation_figures(table, passes, cfg.filter.samples))
-        _record(cfg, run, "generate", stats)
-        log(f"generate: kept {stats['kept']} of {stats['inputs']} inputs for distillation")
+        _finish_generation(cfg, run, examples, passes, started, log, streaming=True, generated_now=len(todo), resumed=len(done))
     if empty is not None:
         raise empty
     tstats["seconds"] = seconds

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SPLITS = ("train", "validation", "test")
 
@@ -80,4 +83,46 @@ class Task(BaseModel):
             mine = [s for s, g in zip(scores, groups) if g == name]
             out[f"{self.metric}_{name}"], _ = accuracy(mine)
             out[f"n_{name}"] = len(mine)
+        return out
+
+
+class SyntheticTask(Task):
+    """A task whose inputs are drawn, seeded, from a finite space. Splits are disjoint:
+    an input belongs to exactly one split (by the hash of its key), so changing one
+    split's size never changes another's examples."""
+
+    train: int = Field(200, ge=0)
+    validation: int = Field(200, ge=0)
+    test: int = Field(200, ge=0)
+    seed: int = 0
+
+    def capacity(self) -> tuple[int, str]:
+        """How many distinct inputs the settings allow, and what limits them (for the error)."""
+        raise NotImplementedError
+
+    def sampler(self) -> Callable[[random.Random], tuple[str, Callable[[str], Example]]]:
+        """A function drawing one input: its key (unique per input) and how to build it from an id."""
+        raise NotImplementedError
+
+    @model_validator(mode="after")
+    def _fits(self):
+        total, limit = self.capacity()
+        per_split = total // (2 * len(SPLITS))  # room to spare: drawing stays fast
+        for split in SPLITS:
+            if getattr(self, split) > per_split:
+                raise ValueError(f"{split}: at most {per_split} distinct examples with {limit}")
+        return self
+
+    def examples(self, split: str) -> list[Example]:
+        draw = self.sampler()
+        rng = random.Random(f"{self.name}-{self.seed}-{split}")
+        seen: set[str] = set()
+        out: list[Example] = []
+        while len(out) < getattr(self, split):
+            key, build = draw(rng)
+            digest = hashlib.sha1(key.encode()).hexdigest()
+            if key in seen or SPLITS[int(digest, 16) % len(SPLITS)] != split:
+                continue
+            seen.add(key)
+            out.append(build(f"{split}-{digest[:12]}"))
         return out

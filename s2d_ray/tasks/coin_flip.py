@@ -3,14 +3,13 @@ flip the coin. Is the coin still heads up?" -> yes when the number of flips is e
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from s2d_ray.tasks.base import SPLITS, Example, Task
+from s2d_ray.tasks.base import Example, SyntheticTask
 
 NAMES = (
     "Ada Alan Amir Ana Anya Ben Bo Carla Chen Dara Dev Eli Emma Eva Femi Finn Gia Hana Ivan "
@@ -22,14 +21,10 @@ _ANSWER = re.compile(r"answer\s*(?:is\s*:?|:|=)\s*[*\"'“`]*\s*(yes|no)\b", re.
 _LONE = re.compile(r"^[*\"'“`\s]*(yes|no)\b", re.IGNORECASE)
 
 
-class CoinFlip(Task):
+class CoinFlip(SyntheticTask):
     name: Literal["coin_flip"] = "coin_flip"
     people: int = Field(4, ge=1, le=12)  # people who each flip the coin or not, in turn
     flip_probability: float = Field(0.5, gt=0.0, lt=1.0)
-    train: int = Field(200, ge=0)
-    validation: int = Field(200, ge=0)
-    test: int = Field(200, ge=0)
-    seed: int = 0
     answer_format: str = 'Reply with "Answer: yes" or "Answer: no".'
     method_prompts: dict[str, dict[str, str]] = {
         "rar2": {
@@ -38,30 +33,18 @@ class CoinFlip(Task):
         }
     }
 
-    @model_validator(mode="after")
-    def _fits(self):
-        capacity = (len(NAMES) * 2) ** self.people // (2 * len(SPLITS))
-        for split in SPLITS:
-            if getattr(self, split) > capacity:
-                raise ValueError(f"{split}: at most {capacity} distinct examples with {self.people} people")
-        return self
+    def capacity(self) -> tuple[int, str]:
+        return (len(NAMES) * 2) ** self.people, f"{self.people} people"
 
-    def examples(self, split: str) -> list[Example]:
-        """Seeded and disjoint across splits (a story belongs to one split, by hash)."""
-        rng = random.Random(f"coin_flip-{self.seed}-{split}")
-        seen: set[str] = set()
-        out: list[Example] = []
-        while len(out) < getattr(self, split):
+    def sampler(self):
+        def draw(rng: random.Random):
             people = rng.sample(NAMES, self.people)
             flips = [rng.random() < self.flip_probability for _ in people]
             story = " ".join(f"{p} {'flips' if f else 'does not flip'} the coin." for p, f in zip(people, flips))
-            digest = hashlib.sha1(story.encode()).hexdigest()
-            if story in seen or SPLITS[int(digest, 16) % len(SPLITS)] != split:
-                continue
-            seen.add(story)
             question = f"A coin is heads up. {story} Is the coin still heads up? {self.answer_format}"
-            out.append(Example(f"{split}-{digest[:12]}", question, "yes" if sum(flips) % 2 == 0 else "no"))
-        return out
+            return story, lambda id: Example(id, question, "yes" if sum(flips) % 2 == 0 else "no")
+
+        return draw
 
     def extract(self, text: str) -> str | None:
         found = _ANSWER.findall(text)

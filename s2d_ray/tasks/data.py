@@ -130,6 +130,14 @@ def record_id(split: str, record: dict, seen: dict[str, int]) -> str:
     return f"{split}-{digest}" + (f"-{seen[digest]}" if seen[digest] > 1 else "")
 
 
+def known_splits(value: dict) -> dict:
+    """A per-split mapping of a task config: every key must name a split."""
+    for key in value:
+        if key not in SPLITS:
+            raise ValueError(f"unknown split {key!r}; splits: {', '.join(SPLITS)}")
+    return value
+
+
 class FileTask(Task):
     """A task whose inputs are records in local files, one file (or folder) per split."""
 
@@ -142,10 +150,7 @@ class FileTask(Task):
     @field_validator("data", "limit")
     @classmethod
     def _splits(cls, value: dict):
-        for key in value:
-            if key not in SPLITS:
-                raise ValueError(f"unknown split {key!r}; splits: {', '.join(SPLITS)}")
-        return value
+        return known_splits(value)
 
     @field_validator("limit")
     @classmethod
@@ -175,4 +180,4 @@ class FileTask(Task):
         raise NotImplementedError
 
 
-__all__ = ["FileTask", "get", "read_records", "record_id", "resolve_path"]
+__all__ = ["FileTask", "get", "known_splits", "read_records", "record_id", "resolve_path"]

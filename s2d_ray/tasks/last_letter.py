@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 from functools import lru_cache
@@ -11,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from s2d_ray.tasks.base import SPLITS, Example, Task
+from s2d_ray.tasks.base import Example, SyntheticTask
 
 _ANSWER = re.compile(r"answer\s*(?:is\s*:?|:|=)\s*[*\"'“`]*\s*([a-z]+)", re.IGNORECASE)
 _LONE_WORD = re.compile(r"^[*\"'“`\s]*([a-z]+)[*\"'”`.\s]*$", re.IGNORECASE)
@@ -23,15 +22,11 @@ def shipped_words() -> tuple[str, ...]:
     return tuple(w for w in text.split() if w)
 
 
-class LastLetter(Task):
+class LastLetter(SyntheticTask):
     name: Literal["last_letter"] = "last_letter"
     words_per_example: int = Field(2, ge=1, le=16)
     # Size of the word pool drawn (seeded) from the shipped list; the paper used 1,200.
     vocabulary: int = Field(1200, ge=10)
-    train: int = Field(200, ge=0)
-    validation: int = Field(200, ge=0)
-    test: int = Field(200, ge=0)
-    seed: int = 0
     answer_format: str = 'Reply with "Answer: " followed by the letters.'
     method_prompts: dict[str, dict[str, str]] = {
         "rar2": {
@@ -41,42 +36,27 @@ class LastLetter(Task):
     }
 
     @model_validator(mode="after")
-    def _fits(self):
+    def _enough_words(self):
         if self.vocabulary > len(shipped_words()):
             raise ValueError(f"vocabulary {self.vocabulary} > {len(shipped_words())} shipped words")
-        capacity = self.vocabulary**self.words_per_example // (2 * len(SPLITS))
-        for split in SPLITS:
-            if getattr(self, split) > capacity:
-                raise ValueError(f"{split}: at most {capacity} examples fit {self.vocabulary} words")
         return self
+
+    def capacity(self) -> tuple[int, str]:
+        return min(self.vocabulary, len(shipped_words())) ** self.words_per_example, f"{self.vocabulary} words"
 
     def vocabulary_words(self) -> list[str]:
         return sorted(random.Random(f"vocabulary-{self.seed}").sample(shipped_words(), self.vocabulary))
 
-    def examples(self, split: str) -> list[Example]:
-        """Seeded and disjoint across splits: a word tuple belongs to exactly one split
-        (by hash), so changing one split's size never changes another's examples."""
-        size = getattr(self, split)
+    def sampler(self):
         words = self.vocabulary_words()
-        rng = random.Random(f"last_letter-{self.seed}-{split}")
-        seen: set[tuple[str, ...]] = set()
-        out: list[Example] = []
-        while len(out) < size:
+
+        def draw(rng: random.Random):
             combo = tuple(rng.choice(words) for _ in range(self.words_per_example))
             key = " ".join(combo)
-            digest = hashlib.sha1(key.encode()).hexdigest()
-            if combo in seen or SPLITS[int(digest, 16) % len(SPLITS)] != split:
-                continue
-            seen.add(combo)
-            out.append(
-                Example(
-                    id=f"{split}-{digest[:12]}",
-                    question=self.question(combo, self.answer_format),
-                    answer="".join(w[-1] for w in combo),
-                    fields={"words": key},
-                )
-            )
-        return out
+            question = self.question(combo, self.answer_format)
+            return key, lambda id: Example(id, question, "".join(w[-1] for w in combo), {"words": key})
+
+        return draw
 
     @staticmethod
     def question(words: tuple[str, ...], answer_format: str) -> str:

@@ -18,8 +18,8 @@ from typing import Literal
 from pydantic import field_validator
 
 from s2d_ray.errors import DataError
-from s2d_ray.tasks.base import SPLITS, Example
-from s2d_ray.tasks.data import FileTask, get
+from s2d_ray.tasks.base import Example
+from s2d_ray.tasks.data import FileTask, get, known_splits
 
 UNBIASED_TEMPLATE = "{question}"
 _MARKER = re.compile(r"answer\s*:\s*(.+)", re.IGNORECASE)  # "Answer: X"
@@ -44,18 +44,16 @@ class TriviaQA(FileTask):
     @field_validator("mix")
     @classmethod
     def _mix_splits(cls, value: dict):
-        for key in value:
-            if key not in SPLITS:
-                raise ValueError(f"unknown split {key!r}; splits: {', '.join(SPLITS)}")
-        return value
+        return known_splits(value)
 
     def example(self, record: dict, id: str, where: str) -> Example:
         messages = get(record, "prompt", where)
         human = [m for m in messages if isinstance(m, dict) and m.get("type", m.get("role")) in ("human", "user")]
         if not human or not human[0].get("content"):
             raise DataError(f"{where}: field 'prompt' has no human message")
-        aliases = list(get(record, "base.answer", where)) if record.get("base", {}).get("answer") else []
-        correct = (record.get("base") or {}).get("correct_answer")
+        base = record.get("base") or {}
+        aliases = list(base["answer"]) if base.get("answer") else []
+        correct = base.get("correct_answer")
         golds = sorted({a for a in [*aliases, correct] if a})
         template = get(record, "metadata.prompt_template", where)
         return Example(
