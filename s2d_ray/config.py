@@ -97,7 +97,9 @@ class EngineConfig(Strict):
     # CPU: host memory reserved for the KV cache, in GiB.
     kv_cache_gib: float = Field(2.0, gt=0.0)
     max_model_len: int = Field(2048, ge=64)
-    enforce_eager: bool = True
+    # Skip torch.compile and CUDA graphs. None: on for CPU (start-up ~20 s instead of ~100 s),
+    # off on GPUs (graphs make decoding, above all tensor-parallel decoding, much faster).
+    enforce_eager: bool | None = None
     # Autoscaling pool of generator actors: (min, max) engines.
     concurrency: tuple[int, int] = (1, 1)
     # Inputs per map_batches call; one engine runs the whole program over the batch.
@@ -144,6 +146,12 @@ class TrainConfig(Strict):
     seed: int = 0
     # How Ray places the worker group's bundles across nodes (Ray placement-group strategies).
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Timeout of every collective of the trainer group (NCCL/gloo), the data-parallel
+    # clone DeepSpeed makes included; a rank that waits longer fails the group.
+    collective_timeout_s: float = Field(1800.0, ge=60.0)
+    # The exported checkpoint is written in safetensors shards of at most this size,
+    # each as soon as it is full: rank 0 never holds more than one shard of the model.
+    export_shard_gib: float = Field(4.0, gt=0.0, le=64.0)
     # Train while generating: the trainer consumes the distillation stream as it is produced,
     # in one pass, on resources of its own (needs `steps`, the length of the LR schedule).
     streaming: bool = False

@@ -36,6 +36,7 @@ class Completion:
 class Engine:
     def __init__(self, model_path: str, cfg: EngineConfig, dtype: str = "bfloat16", seed: int = 0):
         on_cpu = runs_on_cpu(cfg.device)
+        self.device = cfg.device
         for key, value in (CPU_ENGINE_ENV if on_cpu else GPU_ENGINE_ENV).items():
             os.environ.setdefault(key, value)
         from vllm import LLM
@@ -45,7 +46,7 @@ class Engine:
             dtype=dtype,
             seed=seed,
             max_model_len=cfg.max_model_len,
-            enforce_eager=cfg.enforce_eager,
+            enforce_eager=on_cpu if cfg.enforce_eager is None else cfg.enforce_eager,
             enable_prefix_caching=True,
             trust_remote_code=False,
         )
@@ -56,9 +57,10 @@ class Engine:
                 tensor_parallel_size=cfg.tensor_parallel,
                 pipeline_parallel_size=cfg.pipeline_parallel,
                 gpu_memory_utilization=cfg.gpu_memory_utilization,
-                # Multi-GPU engines inside a Ray actor schedule their workers through Ray
-                # (in the placement group the actor was started in).
-                distributed_executor_backend="ray" if cfg.gpus_per_engine > 1 else None,
+                # Multi-GPU engines inside a Ray actor schedule their workers through Ray, in
+                # the placement group the actor was started in (vLLM records it in its
+                # ParallelConfig, so its engine-core process finds it too).
+                distributed_executor_backend="ray" if cfg.gpus_per_engine > 1 else "uni",
             )
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
@@ -104,3 +106,7 @@ class Engine:
             core.shutdown()
         self.llm = None
         gc.collect()
+        if not runs_on_cpu(self.device):
+            import torch
+
+            torch.cuda.empty_cache()  # an in-process engine's cached blocks

@@ -16,7 +16,10 @@ throughput assumptions the job can set (`cost.*`). Defaults and where they come 
   4-GPU (A100/H100 80 GB) vLLM engine with a full batch; measure yours with
   bench/generation.py and set `cost.generation_tokens_per_second`.
 * GPU, training: 6 x params FLOPs per trained token at 30% of an A100's 312 bf16 TFLOP/s
-  (~220 tokens/s per GPU for 70B), x0.7 with optimizer offload (PCIe traffic).
+  (~220 tokens/s per GPU for 70B), x0.7 with optimizer offload (PCIe traffic). Still an
+  assumption: no GPU has been lent to measure it. `bench/training.py --device cuda`
+  prints tokens/s per GPU and MFU of this trainer for ~1B and ~7B Llama shapes, with
+  and without offload; put yours in `cost.training_tokens_per_second`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ CPU_GENERATION_TPS = 40.0
 CPU_TRAINING_TPS = 15.0
 GPU_GENERATION_TPS = 1500.0
 GPU_PEAK_FLOPS, GPU_MFU, OFFLOAD_SLOWDOWN = 312e12, 0.30, 0.7
+OPTIMIZER_BYTES = 16  # per parameter: fp32 master weights, Adam's two moments, fp32 gradients
 KV_RESERVE_GIB = 2.0  # an engine without room for a KV cache cannot serve
 GPU_OVERHEAD_GIB = 2.0  # CUDA context, NCCL buffers, allocator slack
 
@@ -81,7 +85,10 @@ def engine_memory(cfg, params: float) -> dict:
 def trainer_memory(cfg, params: float) -> dict:
     """ZeRO-3 per-GPU memory (parameters, gradients, AdamW states, activations) and the
     host memory per node that offload needs. Mixed precision: 16-bit weights and
-    gradients, fp32 master weights and two moments (12 bytes per parameter)."""
+    gradients, fp32 master weights, two moments and the fp32 gradient partition the
+    optimizer steps on (16 bytes per parameter, on the GPU or, offloaded, on the host:
+    DeepSpeed 0.19.8 stage3.py). Rank 0's node also holds one export shard and one
+    module while the model is written (training.export_hf)."""
     t = cfg.train
     world = t.workers
     half = 2 if t.bf16 else 4
@@ -89,7 +96,7 @@ def trainer_memory(cfg, params: float) -> dict:
     on_gpu = {
         "parameters": 0.0 if t.offload_params else shard * half,
         "gradients": shard * half,
-        "optimizer": 0.0 if t.offload_optimizer else shard * 12,
+        "optimizer": 0.0 if t.offload_optimizer else shard * OPTIMIZER_BYTES,
     }
     # Activations: with checkpointing one hidden state per layer kept, plus one layer's
     # working set (~16 hidden-sized tensors) while it is recomputed; without, all of them.
@@ -99,11 +106,13 @@ def trainer_memory(cfg, params: float) -> dict:
     on_gpu["activations"] = act
     per_gpu = sum(on_gpu.values()) / GIB + GPU_OVERHEAD_GIB
     per_node = cfg.cluster.gpus_per_node or 8
-    host = (shard * 12 * t.offload_optimizer + shard * half * t.offload_params) * min(per_node, world) / GIB
+    host = (shard * OPTIMIZER_BYTES * t.offload_optimizer + shard * half * t.offload_params) * min(per_node, world) / GIB
+    export = t.export_shard_gib + hidden * 32000 * half / GIB  # a shard + the embedding (Llama vocabulary)
     return {
         "per_gpu_gib": per_gpu,
         "breakdown_gib": {k: v / GIB for k, v in on_gpu.items()},
-        "host_per_node_gib": host,
+        "host_per_node_gib": host + export,
+        "export_host_gib": export,
     }
 
 

@@ -58,6 +58,8 @@ class GeneratorActor:
 
         pin_assigned_gpus()
         self.node = ray.get_runtime_context().get_node_id()
+        if not runs_on_cpu(engine.device):
+            _before_gpu_engine(engine)
         self.engine = Engine(model_path, engine, dtype=dtype, seed=seed)
         self.max_model_len = engine.max_model_len
         self.task = task
@@ -72,6 +74,25 @@ class GeneratorActor:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()
+
+
+def _before_gpu_engine(engine: EngineConfig) -> None:
+    """On real GPUs: wait until an earlier stage's processes have released the memory this
+    engine will claim (Ray frees the resource before the memory), and warn when a
+    pipeline-parallel engine's placement split a tensor-parallel group across nodes."""
+    from s2d_ray.placement import engine_bundle_nodes, split_tp_groups, wait_for_free_gpu_elsewhere, wait_for_group_gpus
+
+    need = engine.gpu_memory_utilization
+    seen = [wait_for_free_gpu_elsewhere(need)] if engine.gpus_per_engine == 1 else wait_for_group_gpus(need)
+    if any(free < need for free in seen):
+        print(f"engine: GPU memory still held by another process ({min(seen):.0%} free, "
+              f"engine.gpu_memory_utilization {need}); vLLM will say whether it can start", flush=True)  # fmt: skip
+    if engine.pipeline_parallel > 1:
+        split = split_tp_groups(engine_bundle_nodes(), engine.tensor_parallel)
+        if split:
+            print(f"engine: a tensor-parallel group of {engine.tensor_parallel} spans nodes ({', '.join(split)} hold a "
+                  "partial group): it will run, slowly; give nodes a multiple of engine.tensor_parallel free GPUs",
+                  flush=True)  # fmt: skip
 
 
 def run_batch(engine, task: Task, passes: list[Pass], batch: pd.DataFrame, max_model_len: int) -> pd.DataFrame:

@@ -16,6 +16,9 @@ on a real cluster, but the engines and trainers behind them run on CPU.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 import uuid
 
 from s2d_ray.errors import S2DError
@@ -40,11 +43,12 @@ def visible_devices_env(environ: dict, gpu_ids: list) -> dict[str, str]:
     sees every GPU of the node and all of them pick GPU 0. Pin the GPUs Ray assigned."""
     if environ.get(NOSET_ENV, "") in ("", "0") or not gpu_ids:
         return {}
-    return {"CUDA_VISIBLE_DEVICES": ",".join(str(int(i)) for i in gpu_ids)}
+    return {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in gpu_ids)}  # indices or UUIDs
 
 
 def pin_assigned_gpus() -> None:
-    """Call in an actor or Ray Train worker before CUDA is initialised."""
+    """Call in an engine actor before CUDA is initialised. (Not in Ray Train workers: Ray
+    Train sets their CUDA_VISIBLE_DEVICES and device itself, NOSET or not.)"""
     import ray
 
     os.environ.update(visible_devices_env(dict(os.environ), ray.get_gpu_ids()))
@@ -52,10 +56,22 @@ def pin_assigned_gpus() -> None:
 
 def engine_bundles(tensor_parallel: int, pipeline_parallel: int, cpus: float) -> tuple[list[dict], str]:
     """One GPU bundle per engine GPU (the first also holds the actor's CPUs), and the
-    strategy: a tensor-parallel group must share a node; pipeline stages may not."""
+    strategy: a tensor-parallel group must share a node; pipeline stages may not (PACK
+    still keeps them on one node when one has room; vLLM orders its ranks node by node,
+    see `split_tp_groups`)."""
     gpus = tensor_parallel * pipeline_parallel
     bundles = [{"GPU": 1, "CPU": cpus}] + [{"GPU": 1} for _ in range(gpus - 1)]
     return bundles, "STRICT_PACK" if pipeline_parallel == 1 else "PACK"
+
+
+def split_tp_groups(bundle_nodes: list[str], tensor_parallel: int) -> list[str]:
+    """Nodes whose share of an engine's bundles is not a whole number of tensor-parallel
+    groups: vLLM gives consecutive ranks (a TP group) to bundles sorted by node, so such a
+    node has a TP group reaching across the network."""
+    counts: dict[str, int] = {}
+    for node in bundle_nodes:
+        counts[node] = counts.get(node, 0) + 1
+    return [node for node, count in counts.items() if count % tensor_parallel]
 
 
 def engines_that_fit(node_gpus: list[int], tensor_parallel: int, pipeline_parallel: int) -> int:
@@ -131,7 +147,9 @@ def engine_remote_args(cfg, env: dict, tag: str = "") -> dict:
             groups.append(ray.util.placement_group(bundles, strategy=strategy, name=name))
         return {
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                groups[index], placement_group_bundle_index=0, placement_group_capture_child_tasks=True
+                # vLLM hands the group to its Ray workers itself (ParallelConfig.placement_group);
+                # capturing child tasks would pull any other task into bundles without CPUs.
+                groups[index], placement_group_bundle_index=0, placement_group_capture_child_tasks=False
             )
         }
 
@@ -168,3 +186,72 @@ def release_engine_groups(tag: str) -> int:
             except ValueError:  # already gone
                 pass
     return removed
+
+
+# A process of an earlier stage that Ray already counts as gone (an engine, a trainer rank)
+# may still be releasing its GPU memory; vLLM refuses to start below its share.
+GPU_RELEASE_TIMEOUT_S = 180.0
+
+
+def wait_for_free_gpu(fraction: float, timeout_s: float = GPU_RELEASE_TIMEOUT_S, device=None) -> float:
+    """Block until `device` (default: the current CUDA device) has `fraction` of its memory
+    free, or the timeout passes; returns the free fraction seen last. Creates a CUDA context."""
+    import torch
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        free, total = torch.cuda.mem_get_info(device)
+        if free >= fraction * total or time.monotonic() >= deadline:
+            return free / total
+        time.sleep(1.0)
+
+
+def wait_for_free_gpu_elsewhere(fraction: float, timeout_s: float = GPU_RELEASE_TIMEOUT_S) -> float:
+    """`wait_for_free_gpu` in a child process, so that the caller (an engine actor whose
+    engine runs in processes of its own) keeps no CUDA context of its own."""
+    # Self-contained: a child of a Ray worker may not see s2d_ray (a runtime env's py_modules).
+    code = (
+        "import time, torch\n"
+        f"deadline = time.monotonic() + {timeout_s!r}\n"
+        "while True:\n"
+        "    free, total = torch.cuda.mem_get_info()\n"
+        f"    if free >= {fraction!r} * total or time.monotonic() >= deadline:\n"
+        "        break\n"
+        "    time.sleep(1.0)\n"
+        "print(free / total)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s + 120)
+    if proc.returncode != 0:
+        raise S2DError(f"could not read GPU memory: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def wait_for_group_gpus(fraction: float, timeout_s: float = GPU_RELEASE_TIMEOUT_S) -> list[float]:
+    """For a multi-GPU engine: one short task per GPU bundle of the caller's placement
+    group waits until that GPU is free enough (each in a worker process that exits after)."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = ray.util.get_current_placement_group()
+    if group is None:
+        return []
+    waiter = ray.remote(num_cpus=0, num_gpus=1, max_calls=1)(wait_for_free_gpu)
+    refs = [
+        waiter.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)).remote(
+            fraction, timeout_s
+        )
+        for i, bundle in enumerate(group.bundle_specs)
+        if bundle.get("GPU")
+    ]
+    return ray.get(refs)
+
+
+def engine_bundle_nodes() -> list[str]:
+    """The node of each bundle of the caller's placement group (empty outside one)."""
+    import ray
+
+    group = ray.util.get_current_placement_group()
+    if group is None:
+        return []
+    table = ray.util.placement_group_table(group)
+    return [table["bundles_to_node_id"][i] for i in sorted(table.get("bundles_to_node_id", {}))]

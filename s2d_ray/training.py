@@ -8,6 +8,7 @@ handed back through Ray Train's checkpointing.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -18,9 +19,10 @@ from pathlib import Path
 from s2d_ray.chat import chat_prompt
 from s2d_ray.config import TrainConfig
 from s2d_ray.errors import S2DError
-from s2d_ray.placement import FAKE_GPUS_ENV, fake_gpus, trainer_scaling
+from s2d_ray.placement import FAKE_GPUS_ENV, fake_gpus, trainer_scaling, wait_for_free_gpu
 
 IGNORE = -100
+TRAINER_FREE_GPU = 0.8  # share of a GPU's memory a rank waits for before it loads the model
 
 
 class EmptyDistillSet(S2DError):
@@ -94,6 +96,7 @@ def encode(tokenizer, prompt: str, target: str, max_len: int) -> tuple[list[int]
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
+    """Right-padded CPU tensors (input ids, labels, attention mask) of one micro-batch."""
     import torch
 
     width = max(len(ids) for ids, _ in examples)
@@ -105,6 +108,22 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
         labels[i, : len(labs)] = torch.tensor(labs)
         mask[i, : len(ids)] = 1
     return input_ids, labels, mask
+
+
+def train_micro_batch(engine, examples: list[tuple[list[int], list[int]]], pad_id: int):
+    """Forward, backward and step of one micro-batch; returns (detached loss, non-padding
+    tokens). The loss stays on the device: reading it is one sync per step, by the caller.
+
+    DeepSpeed's `engine.forward` does not move inputs: the batch goes to the engine's
+    device here (a CUDA rank would otherwise get CPU tensors and fail on its first step).
+    """
+    batch = collate(examples, pad_id)
+    tokens = int(batch[2].sum())  # on the host, before the copy: no device sync
+    input_ids, labels, mask = (t.to(engine.device, non_blocking=True) for t in batch)
+    loss = engine(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+    engine.backward(loss)
+    engine.step()
+    return loss.detach(), tokens
 
 
 def _cycle_batches(shard, batch_size: int):
@@ -119,40 +138,68 @@ def _cycle_batches(shard, batch_size: int):
             raise RuntimeError("this worker's shard of the distillation set is empty")
 
 
-def train_loop(config: dict) -> None:
-    """Runs in every Ray Train worker."""
-    os.environ.update(config["env"])  # before DeepSpeed picks its accelerator on import
-    from s2d_ray.placement import pin_assigned_gpus
+def load_zero3_model(model_path: str, cfg: TrainConfig, ds_config: dict):
+    """The model and tokenizer, its weights loaded straight into ZeRO-3 shards.
 
-    pin_assigned_gpus()  # before CUDA initialises
-    import deepspeed
-    import ray.train
+    Returns (model, tokenizer, hf_ds_config): the HfDeepSpeedConfig must stay alive while
+    the model is used, or transformers forgets that the weights are partitioned.
+    `model_path` may also be a `transformers` config object (random weights: tests, benchmarks).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
 
-    cfg = TrainConfig.model_validate(config["train"])
-    if config["on_cpu"]:
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.seed)
-    steps = config["steps"]
-    # Ray Train already set up torch.distributed; DeepSpeed wraps that process group.
-    deepspeed.init_distributed(dist_backend=config["backend"])
-    ds_config = build_zero3_config(cfg, world, steps, on_cpu=config["on_cpu"])
-    # Must exist before from_pretrained so the weights load straight into ZeRO-3 shards.
-    hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841 (kept alive on purpose)
-    tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
-    model = AutoModelForCausalLM.from_pretrained(
-        config["model_path"],
-        dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
-        attention_dropout=cfg.dropout,
-    )
+    # Must exist before the model is built so from_pretrained uses deepspeed.zero.Init
+    # (a bare zero.Init around from_pretrained crashes in weight init).
+    hf_ds = HfDeepSpeedConfig(ds_config)
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    if isinstance(model_path, (str, os.PathLike)):
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attention_dropout=cfg.dropout)
+    else:
+        tokenizer = None
+        model_path.attention_dropout = cfg.dropout
+        model = AutoModelForCausalLM.from_config(model_path, dtype=dtype)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    return model, tokenizer, hf_ds
+
+
+def train_loop(config: dict) -> None:
+    """Runs in every Ray Train worker."""
+    os.environ.update(config["env"])  # before DeepSpeed picks its accelerator on import
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    cfg = TrainConfig.model_validate(config["train"])
+    if config["on_cpu"]:
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    else:
+        # Ray Train shares the node's GPUs among its ranks (CUDA_VISIBLE_DEVICES, whatever
+        # RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES says) and has set this rank's device;
+        # DeepSpeed picks cuda:LOCAL_RANK, which can differ past 10 GPUs a node (Ray sorts
+        # GPU ids as numbers for LOCAL_RANK, as strings for the visible list).
+        device = ray.train.torch.get_device()
+        os.environ["LOCAL_RANK"] = str(device.index)
+        # An engine of the generation stage may still be releasing this GPU.
+        free = wait_for_free_gpu(TRAINER_FREE_GPU, device=device)
+        if free < TRAINER_FREE_GPU:
+            print(f"train: only {free:.0%} of this rank's GPU memory is free; going on", flush=True)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+    steps = config["steps"]
+    # Ray Train already set up torch.distributed; DeepSpeed wraps that group.
+    deepspeed.init_distributed(dist_backend=config["backend"])
+    # DeepSpeed clones the world group for data parallelism without a timeout (torch's
+    # default, 10 minutes, would apply to ZeRO-3's reduce-scatters): give it ours.
+    set_data_parallel_timeout(world, cfg.collective_timeout_s)
+    ds_config = build_zero3_config(cfg, world, steps, on_cpu=config["on_cpu"])
+    model, tokenizer, hf_ds = load_zero3_model(config["model_path"], cfg, ds_config)  # noqa: F841 (hf_ds kept alive)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
 
     shard = ray.train.get_dataset_shard("train")
@@ -173,18 +220,16 @@ def train_loop(config: dict) -> None:
             if batch is None:
                 break
             encoded = [encode(tokenizer, p, t, cfg.max_seq_len) for p, t in zip(batch["prompt"], batch["target"])]
-            input_ids, labels, mask = collate(encoded, pad)
-            tokens_seen += int(mask.sum())
-            loss = engine(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-            engine.backward(loss)
-            engine.step()
-            losses.append(float(loss))
+            loss, tokens = train_micro_batch(engine, encoded, pad)
+            tokens_seen += tokens
+            losses.append(loss)
         if not losses:
             if rank == 0:
                 print(f"train: the stream ended after {step - 1} of {steps} steps", flush=True)
             break
         elapsed = time.perf_counter() - started
-        metrics = {"step": step, "loss": sum(losses) / len(losses), "tokens": tokens_seen, "seconds": elapsed}
+        loss = sum(float(x) for x in losses) / len(losses)
+        metrics = {"step": step, "loss": loss, "tokens": tokens_seen, "seconds": elapsed}
         if rank == 0:
             print(
                 f"train step {step}/{steps}  loss {metrics['loss']:.4f}  "
@@ -195,19 +240,194 @@ def train_loop(config: dict) -> None:
     if metrics["step"] == 0:  # nothing came down the stream: no model, not the base one renamed
         ray.train.report(metrics)
         return
-    # Collective: every rank takes part in gathering the ZeRO-3 shards.
-    state = engine._zero3_consolidated_16bit_state_dict()
+    # Staged on the node's local disk (TMPDIR), then uploaded by Ray Train to its storage.
     export = Path(tempfile.mkdtemp(prefix="s2d-export-"))
     try:
+        # Collective: every rank takes part in gathering the ZeRO-3 shards; rank 0 writes.
+        export_hf(engine, export if rank == 0 else None, shard_bytes=int(cfg.export_shard_gib * 2**30))
         checkpoint = None
         if rank == 0:
-            model.config.use_cache = True
-            model.save_pretrained(export, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(export)
             checkpoint = ray.train.Checkpoint.from_directory(str(export))
         ray.train.report({**metrics, "tokens_total": tokens_seen * world}, checkpoint=checkpoint)
     finally:
         shutil.rmtree(export, ignore_errors=True)
+
+
+SAFETENSORS_DTYPES = {
+    "float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+}  # fmt: skip
+
+
+def write_safetensors(path: Path, tensors: dict) -> None:
+    """One safetensors file, written straight from the tensors' memory: no serialized copy
+    of the shard next to the shard (safetensors' save_file makes one). Format: 8-byte
+    little-endian header length, JSON header (padded to 8 bytes), raw little-endian data."""
+    import torch
+
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[str(t.dtype).removeprefix("torch.")], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}  # fmt: skip
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for t in tensors.values():
+            if t.numel():
+                f.write(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(path, 0o644)
+
+
+class _ShardWriter:
+    """Safetensors shards written as they fill, named and indexed as transformers does."""
+
+    def __init__(self, out_dir: Path, shard_bytes: int):
+        self.out_dir, self.shard_bytes = out_dir, max(1, shard_bytes)
+        self.pending: dict = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[Path, list[str]]] = []
+        self.total = 0
+        self.dtypes: set = set()
+
+    def add_module(self, tensors: dict) -> None:
+        """One module's tensors, kept in one shard (a conversion on save may need them together)."""
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.pending and self.pending_bytes + size > self.shard_bytes:
+            self.flush()
+        self.pending.update(tensors)
+        self.pending_bytes += size
+        self.total += size
+        self.dtypes.update(t.dtype for t in tensors.values() if t.is_floating_point())
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        path = self.out_dir / f".shard-{len(self.files):05d}.safetensors"
+        write_safetensors(path, self.pending)
+        self.files.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> list[Path]:
+        self.flush()
+        count = len(self.files)
+        names = ["model.safetensors"] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+        weight_map = {}
+        for (path, keys), name in zip(self.files, names):
+            os.replace(path, self.out_dir / name)
+            weight_map.update({key: name for key in keys})
+        if count > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return [self.out_dir / n for n in names]
+
+
+def export_hf(engine, out_dir: Path | None, shard_bytes: int = 2 * 2**30) -> dict | None:
+    """Write the ZeRO-3 model as a Hugging Face safetensors checkpoint without ever holding
+    the whole model in one process: parameters are gathered one module at a time (on every
+    rank: it is a collective) and rank 0 (`out_dir` given) copies them to host memory and
+    writes a shard as soon as it holds `shard_bytes`. Peak host memory on rank 0 is one
+    shard plus one module, not the model (a 70B model in bf16 is ~140 GB).
+
+    Tied parameters (lm_head sharing the input embeddings) are written once, under the
+    name transformers keeps (`all_tied_weights_keys`: target -> source, targets dropped);
+    non-persistent buffers are left out; transformers' load-time renames are reverted
+    per module, as its own save_pretrained does.
+    """
+    import deepspeed
+    import torch
+    from transformers.core_model_loading import revert_weight_conversion
+
+    model = engine.module
+    optimizer = getattr(engine, "optimizer", None)
+    if hasattr(optimizer, "checkpoint_event_prologue"):
+        optimizer.checkpoint_event_prologue()  # every parameter partitioned: a clean start
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    writer = _ShardWriter(out_dir, shard_bytes) if out_dir is not None else None
+    tied_targets = set(getattr(model, "all_tied_weights_keys", None) or {})
+    seen: set[int] = set()  # on every rank, so that a tied parameter is not gathered twice
+    for prefix, module in model.named_modules():
+        params = []
+        for n, p in module.named_parameters(recurse=False):
+            name, key = f"{prefix}.{n}" if prefix else n, getattr(p, "ds_id", id(p))
+            if p is not None and key not in seen and name not in tied_targets:
+                seen.add(key)
+                params.append((name, p))
+        buffers = [
+            (f"{prefix}.{n}" if prefix else n, b) for n, b in module.named_buffers(recurse=False)
+            if b is not None and n not in module._non_persistent_buffers_set
+        ]  # fmt: skip
+        if not params and not buffers:
+            continue
+        # modifier_rank=None: nothing is modified, so no broadcast on exit (modifier_rank=0
+        # would send every parameter again, and refuses parameters offloaded to the CPU).
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+            if writer is not None:
+                # copy=True: on a CPU rank .to("cpu") would alias the gathered buffer.
+                tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in params + buffers}
+                writer.add_module(revert_weight_conversion(model, tensors))
+    if hasattr(optimizer, "checkpoint_event_epilogue"):
+        optimizer.checkpoint_event_epilogue()
+    if writer is None:
+        return None
+    files = writer.close()
+    config = model.config
+    config.use_cache = True
+    config.architectures = [type(model).__name__]
+    if writer.dtypes:
+        config.dtype = next(iter(writer.dtypes)) if len(writer.dtypes) == 1 else torch.float32
+    config.save_pretrained(out_dir)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out_dir)
+    return {"files": len(files), "bytes": writer.total}
+
+
+def consolidated_export(engine, out_dir: Path | None) -> None:
+    """DeepSpeed's own way (whole model gathered into rank 0's memory, then saved): kept
+    only as the baseline of bench/export.py."""
+    state = engine._zero3_consolidated_16bit_state_dict()
+    if out_dir is not None:
+        engine.module.config.use_cache = True
+        engine.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+
+
+def set_data_parallel_timeout(world: int, seconds: float) -> None:
+    """Create DeepSpeed's world-group clone ourselves, with the job's collective timeout
+    (deepspeed.utils.groups keeps it in `_WORLD_GROUP` and creates it without one).
+    Collective: every rank calls it, before deepspeed.initialize."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    if getattr(groups, "_WORLD_GROUP", "missing") is None:
+        groups._WORLD_GROUP = dist.new_group(ranks=list(range(world)), timeout=timedelta(seconds=seconds))
+
+
+def local_process_group(backend: str, rank: int = 0, world_size: int = 1, port: int | None = None) -> None:
+    """torch.distributed without Ray Train (benchmarks, GPU tests): the environment
+    DeepSpeed expects, then its own init."""
+    import socket
+
+    import deepspeed
+
+    if port is None and "MASTER_PORT" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port) if port else os.environ["MASTER_PORT"],
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+    )  # fmt: skip
+    deepspeed.init_distributed(dist_backend=backend)
 
 
 def train(distill_dir: Path, model_path: Path, out_dir: Path, storage: Path, cfg: TrainConfig, log=print) -> dict:
@@ -263,7 +483,8 @@ def fit(ds, rows: int | None, steps: int, model_path: Path, out_dir: Path, stora
             "stream": stream,
         },
         scaling_config=ScalingConfig(**trainer_scaling(cfg)),
-        torch_config=TorchConfig(backend=backend),
+        # Covers every collective, the export's gathers while rank 0 writes a shard included.
+        torch_config=TorchConfig(backend=backend, timeout_s=int(cfg.collective_timeout_s)),
         datasets={"train": ds},
         run_config=RunConfig(name="train", storage_path=str(storage)),
     )

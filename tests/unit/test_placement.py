@@ -67,8 +67,8 @@ def test_live_cluster_check_names_what_does_not_fit():
     [
         ("engine.tensor_parallel=1", "needs 128.5 GiB of weights per GPU"),
         ("engine.tensor_parallel=3", "tensor_parallel 3 must divide cluster.gpus_per_node 8"),
-        ("train.offload_optimizer=false,train.workers=8", "ZeRO-3 training of a 69B model on 8 GPUs needs ~134 GiB"),
-        ("cluster.host_memory_gib=100", "CPU offload needs ~386 GiB of host memory per node"),
+        ("train.offload_optimizer=false,train.workers=8", "ZeRO-3 training of a 69B model on 8 GPUs needs ~166 GiB"),
+        ("cluster.host_memory_gib=100", "CPU offload needs ~519 GiB of host memory per node"),
         ("train.workers=64", "train.workers 64 need 64 GPUs; the cluster has at most 32"),
         ("train.gpus_per_worker=2", "a DeepSpeed rank drives one GPU"),
         ("train.streaming=true", "streaming: true needs train.steps"),
@@ -112,3 +112,28 @@ def test_paper_jobs_estimate_without_their_data_or_weights():
         est = estimate(load_config(job))
         assert {"generate", "train", "eval"} <= set(est["stages"]), job.name
         assert est["memory"]["engine"]["weights_per_gpu_gib"] < est["memory"]["engine"]["usable_per_gpu_gib"]
+
+
+def test_a_node_with_a_partial_tensor_parallel_group_is_named():
+    from s2d_ray.placement import split_tp_groups
+
+    assert split_tp_groups(["a"] * 8, 4) == []
+    assert split_tp_groups(["a"] * 4 + ["b"] * 4, 4) == []
+    assert split_tp_groups(["a"] * 5 + ["b"] * 3, 4) == ["a", "b"]
+    assert split_tp_groups(["a"] * 6 + ["b"] * 2, 2) == []
+
+
+def test_gpu_ids_may_be_uuids_under_noset():
+    noset = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
+    assert visible_devices_env(noset, ["GPU-1a2b"]) == {"CUDA_VISIBLE_DEVICES": "GPU-1a2b"}
+
+
+def test_gpu_engines_compile_by_default_and_cpu_engines_do_not():
+    from s2d_ray.config import EngineConfig
+
+    assert EngineConfig().enforce_eager is None  # resolved by the engine: eager on CPU only
+    assert load_config(PAPER).engine.enforce_eager is False
+    with pytest.raises(ConfigError, match="train.collective_timeout_s"):
+        load_config(PAPER, ["train.collective_timeout_s=5"])
+    with pytest.raises(ConfigError, match="train.export_shard_gib"):
+        load_config(PAPER, ["train.export_shard_gib=0"])

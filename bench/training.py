@@ -1,0 +1,266 @@
+"""ZeRO-3 training throughput: s2d's trainer step against a plain torch loop (CPU), and
+tokens/s per GPU with model FLOPs utilisation for Llama shapes (CUDA).
+
+Every measurement runs in a fresh process (DeepSpeed and torch.distributed keep global
+state), on randomly initialised Llama-shaped models built from a config: no weights are
+needed. Steps are s2d's own (`load_zero3_model`, `build_zero3_config`,
+`train_micro_batch`): bf16 or fp32, gradient checkpointing, ZeRO-3, optimizer offload.
+
+    python bench/training.py                                   # CPU: ZeRO-3 vs plain loop, SmolLM2 shape
+    python bench/training.py --device cuda --shapes 1b,7b      # one GPU: offload off and on, MFU
+    python bench/training.py --device cuda --peak-tflops 989   # a GPU the table below does not know
+
+CUDA: a shape whose ZeRO-3 state does not fit one GPU (or, offloaded, the host) is cut
+to fewer layers, and the output says so. MFU counts model FLOPs (6 x parameters per
+token plus attention), not the recomputation of gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {
+    # name: hidden, intermediate, layers, heads, kv heads, vocab
+    "smollm2": (576, 1536, 30, 9, 3, 49152),  # the embedded model's shape (135M)
+    "1b": (2048, 5632, 22, 32, 4, 32000),  # TinyLlama-1.1B
+    "7b": (4096, 11008, 32, 32, 32, 32000),  # Llama-2-7B
+}
+# Dense bf16 peak of one GPU, FLOP/s (vendor figures, no sparsity).
+PEAK_BF16 = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100": 989e12,
+             "A100": 312e12, "L40S": 362e12, "A10G": 125e12}  # fmt: skip
+# ZeRO-3 bytes per parameter on one GPU: bf16 weights + bf16 gradients, and unless the
+# optimizer is offloaded fp32 master weights, two Adam moments and fp32 gradients.
+GPU_BYTES, GPU_BYTES_OFFLOAD, HOST_BYTES_OFFLOAD = 20, 4, 16
+
+
+def llama_config(shape: str, layers: int | None = None):
+    from transformers import LlamaConfig
+
+    h, inter, n_layers, heads, kv, vocab = SHAPES[shape]
+    return LlamaConfig(
+        hidden_size=h, intermediate_size=inter, num_hidden_layers=layers or n_layers, num_attention_heads=heads,
+        num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def params_of(config) -> tuple[int, int]:
+    """(all parameters, parameters of one decoder layer)."""
+    h, inter, heads, kv = config.hidden_size, config.intermediate_size, config.num_attention_heads, config.num_key_value_heads
+    head = h // heads
+    layer = h * heads * head * 2 + h * kv * head * 2 + 3 * h * inter + 2 * h
+    return config.num_hidden_layers * layer + 2 * config.vocab_size * h + h, layer
+
+
+def fit_layers(shape: str, offload: bool, gpu_bytes: float, host_bytes: float) -> int:
+    """The most layers of `shape` whose ZeRO-3 state fits one GPU (70% of it: the rest is
+    activations and workspace) and, offloaded, half the host's memory (pinned)."""
+    config = llama_config(shape)
+    total, layer = params_of(config)
+    fixed = total - config.num_hidden_layers * layer
+    per_gpu = GPU_BYTES_OFFLOAD if offload else GPU_BYTES
+    budget = (0.7 * gpu_bytes) / per_gpu
+    if offload:
+        budget = min(budget, 0.5 * host_bytes / HOST_BYTES_OFFLOAD)
+    return max(1, min(config.num_hidden_layers, int((budget - fixed) // layer)))
+
+
+def model_flops_per_token(config, seq: int) -> float:
+    total, _ = params_of(config)
+    embedding = config.vocab_size * config.hidden_size  # a lookup, not a matmul
+    return 6 * (total - embedding) + 12 * config.num_hidden_layers * config.hidden_size * seq
+
+
+def batches(vocab: int, seq: int, micro: int, count: int, seed: int):
+    import random
+
+    rng = random.Random(seed)
+    for _ in range(count):
+        rows = []
+        for _ in range(micro):
+            ids = [rng.randrange(3, vocab) for _ in range(seq)]
+            rows.append((ids, [-100] * (seq // 4) + ids[seq // 4 :]))  # prompt masked, as in s2d
+        yield rows
+
+
+def child(args) -> dict:
+    """One measurement in this process: `zero3` (s2d's trainer step) or `plain` (torch)."""
+    os.environ["DS_ACCELERATOR"] = args.device
+    import torch
+
+    gpu = args.device == "cuda"
+    if not gpu:
+        torch.set_num_threads(os.cpu_count() or 1)
+    config = llama_config(args.shape, args.layers)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    total_steps = args.warmup + args.steps
+    data = list(batches(config.vocab_size, args.seq, args.micro_batch, total_steps, seed=0))
+    torch.manual_seed(0)
+    if args.side == "zero3":
+        import deepspeed
+
+        from s2d_ray.config import TrainConfig
+        from s2d_ray.training import build_zero3_config, load_zero3_model, local_process_group, train_micro_batch
+
+        if gpu:
+            torch.cuda.set_device(0)
+        local_process_group("nccl" if gpu else "gloo")
+        cfg = TrainConfig(
+            workers=1, use_gpu=gpu, backend="nccl" if gpu else "gloo", bf16=args.bf16, gradient_checkpointing=gpu,
+            offload_optimizer=args.offload, micro_batch_size=args.micro_batch, max_seq_len=args.seq, lr=1e-5,
+            steps=total_steps, dropout=0.0,
+        )  # fmt: skip
+        ds_config = build_zero3_config(cfg, 1, total_steps, on_cpu=not gpu)
+        model, _, hf_ds = load_zero3_model(config, cfg, ds_config)  # noqa: F841 (kept alive)
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+
+        def step(rows):
+            return train_micro_batch(engine, rows, pad_id=0)
+    else:
+        from s2d_ray.training import collate
+
+        device = "cuda" if gpu else "cpu"
+        model = __import__("transformers").AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+        if gpu:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+
+        def step(rows):
+            ids, labels, mask = (t.to(device) for t in collate(rows, 0))
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach(), int(mask.sum())
+
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    for rows in data[: args.warmup]:
+        step(rows)
+    sync()
+    tokens, started = 0, time.perf_counter()
+    for rows in data[args.warmup :]:
+        loss, n = step(rows)
+        tokens += n
+    float(loss)
+    sync()
+    seconds = time.perf_counter() - started
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
+    return {"tokens": tokens, "seconds": seconds, "tps": tokens / seconds, "loss": float(loss), "peak_gpu_gib": peak_gib,
+            "layers": config.num_hidden_layers, "flops_per_token": model_flops_per_token(config, args.seq)}  # fmt: skip
+
+
+def run_child(args, side: str, **over) -> dict:
+    argv = [sys.executable, __file__, "--child", side, "--device", args.device, "--shape", over.get("shape", args.shape),
+            "--seq", str(args.seq), "--micro-batch", str(args.micro_batch), "--steps", str(args.steps),
+            "--warmup", str(args.warmup)]  # fmt: skip
+    if over.get("layers"):
+        argv += ["--layers", str(over["layers"])]
+    if over.get("offload"):
+        argv.append("--offload")
+    if args.bf16:
+        argv.append("--bf16")
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT-JSON ")), None)
+    if proc.returncode != 0 or line is None:
+        sys.exit(f"training bench: the {side} run failed:\n{proc.stderr[-4000:]}")
+    return json.loads(line.removeprefix("RESULT-JSON "))
+
+
+def spread(values: list[float]) -> str:
+    return f"median {statistics.median(values):.1f} (min {min(values):.1f}, max {max(values):.1f})"
+
+
+def cpu_mode(args) -> None:
+    """s2d's ZeRO-3 step on one CPU rank against a plain torch loop: same model, data,
+    steps and dtype, alternating, repeated."""
+    runs: dict[str, list[dict]] = {"zero3": [], "plain": []}
+    for rep in range(args.repeat):
+        for side in ("zero3", "plain") if rep % 2 == 0 else ("plain", "zero3"):
+            runs[side].append(run_child(args, side))
+    z = [r["tps"] for r in runs["zero3"]]
+    p = [r["tps"] for r in runs["plain"]]
+    ratio = statistics.median(z) / statistics.median(p)
+    print(f"CPU, {args.shape} shape ({runs['zero3'][0]['layers']} layers), {'bf16' if args.bf16 else 'fp32'}, "
+          f"{args.micro_batch} x {args.seq} tokens a step, {args.steps} steps after {args.warmup} warm-up, "
+          f"{args.repeat} alternating runs each (tokens/s, non-padding):")  # fmt: skip
+    print(f"  plain torch loop  {spread(p)}")
+    print(f"  s2d ZeRO-3        {spread(z)}")
+    print(f"RESULT device=cpu shape={args.shape} zero3_tps={statistics.median(z):.1f} "
+          f"plain_tps={statistics.median(p):.1f} ratio_zero3_plain={ratio:.3f}")  # fmt: skip
+
+
+def cuda_mode(args) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("training bench: --device cuda, but torch sees no CUDA device")
+    props = torch.cuda.get_device_properties(0)
+    name = props.name
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else next((v for k, v in PEAK_BF16.items() if k in name), None)
+    if peak is None:
+        sys.exit(f"training bench: no bf16 peak known for {name!r}; give --peak-tflops")
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    print(f"{name}: {props.total_memory / 2**30:.0f} GiB, bf16 peak {peak / 1e12:.0f} TFLOP/s; host {host / 2**30:.0f} GiB; "
+          f"ZeRO-3 on 1 GPU, bf16, gradient checkpointing, {args.micro_batch} x {args.seq} tokens a step")  # fmt: skip
+    results = []
+    for shape in args.shapes.split(","):
+        full = llama_config(shape).num_hidden_layers
+        for offload in (False, True):
+            layers = fit_layers(shape, offload, props.total_memory, host)
+            tps = [run_child(args, "zero3", shape=shape, layers=layers, offload=offload) for _ in range(args.repeat)]
+            best = max(tps, key=lambda r: r["tps"])
+            mfu = best["tps"] * best["flops_per_token"] / peak
+            cut = "" if layers == full else f", cut to {layers} of {full} layers to fit"
+            params = params_of(llama_config(shape, layers))[0] / 1e9
+            print(f"  {shape}{cut} ({params:.2f}B), offload {'on ' if offload else 'off'}: "
+                  f"{spread([r['tps'] for r in tps])} tokens/s/GPU, MFU {mfu:.1%}, peak GPU {best['peak_gpu_gib']:.1f} GiB")  # fmt: skip
+            results.append(f"{shape}_offload{int(offload)}_tps={best['tps']:.0f} {shape}_offload{int(offload)}_mfu={mfu:.3f}"
+                           f" {shape}_offload{int(offload)}_layers={layers}")  # fmt: skip
+    print("RESULT device=cuda gpu=" + name.replace(" ", "_") + " " + " ".join(results))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--shape", default="smollm2", choices=sorted(SHAPES), help="CPU mode's model shape")
+    parser.add_argument("--shapes", default="1b,7b", help="CUDA mode: comma-separated shapes")
+    parser.add_argument("--seq", type=int, default=None)
+    parser.add_argument("--micro-batch", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--repeat", type=int, default=None)
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--offload", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bf16", action="store_true", default=None, help="CPU mode: bf16 (CUDA: always)")
+    parser.add_argument("--child", choices=["zero3", "plain"], default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    gpu = args.device == "cuda"
+    defaults = {"seq": 2048 if gpu else 128, "micro_batch": 4, "steps": 10 if gpu else 3, "warmup": 3 if gpu else 1,
+                "repeat": 2 if gpu else 3, "bf16": gpu}  # fmt: skip
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.child:
+        args.side = args.child
+        print("RESULT-JSON " + json.dumps(child(args)), flush=True)
+    elif gpu:
+        cuda_mode(args)
+    else:
+        cpu_mode(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""vLLM on CUDA: the exported checkpoint loads and generates; a tensor-parallel engine
+(Ray executor, inside our placement group, inside a Ray Data actor) runs the generation
+stage when the node has two GPUs. Skipped without a CUDA build of vLLM."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import s2d
+from tests.gpu.conftest import GPUS, LOCAL_JOB, cuda_settings, needs_cuda_vllm
+
+pytestmark = needs_cuda_vllm
+
+
+def test_the_exported_checkpoint_generates_on_cuda(cuda_trained):
+    from s2d_ray.config import EngineConfig
+    from s2d_ray.engine import Engine
+
+    engine = Engine(str(cuda_trained / "model"), EngineConfig(device="cuda", gpu_memory_utilization=0.4,
+                    max_model_len=1024), dtype="bfloat16")  # fmt: skip
+    try:
+        outs = engine.generate(["Take the last letters of the words in \"Ada Lovelace\" and concatenate them."],
+                               n=2, temperature=0.7, top_p=0.95, max_tokens=16)  # fmt: skip
+    finally:
+        engine.close()
+    assert len(outs) == 1 and len(outs[0]) == 2 and all(c.tokens > 0 for c in outs[0])
+
+
+@pytest.mark.skipif(GPUS < 2, reason=f"tensor parallel 2 needs two GPUs; this node has {GPUS}")
+def test_tensor_parallel_generation_stage(tmp_path):
+    s2d("generate", str(LOCAL_JOB), "--out", str(tmp_path),
+        *cuda_settings("engine.tensor_parallel=2", "task.train=8", "filter.samples=2", "train.workers=1"))  # fmt: skip
+    ids = pq.read_table(tmp_path / "generate").column("id").to_pylist()
+    assert len(ids) == 8 and len(set(ids)) == 8
+    assert json.loads((tmp_path / "run.json").read_text())["stages"]["generate"]["inputs"] == 8
