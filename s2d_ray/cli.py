@@ -10,6 +10,7 @@ from s2d_ray.errors import S2DError
 
 JOB = click.argument("job", type=click.Path(dir_okay=False))
 OUT = click.option("--out", "out", type=click.Path(file_okay=False), help="Run directory (default: the job's `out`).")
+RESTART = click.option("--restart", is_flag=True, help="Start over: remove what this command's stages wrote before.")
 SET = click.option(
     "--set", "overrides", multiple=True, metavar="KEY.SUB=VALUE", help="Override a job setting; repeatable."
 )
@@ -38,12 +39,16 @@ def cli() -> None:
 @JOB
 @OUT
 @SET
-def run(job, out, overrides):
+@RESTART
+def run(job, out, overrides, restart):
     """Run every stage: generate, vote, train, evaluate, report."""
     from s2d_ray import pipeline
 
     cfg, rd = _load(job, overrides, out)
-    result = pipeline.run_all(cfg, rd, _log)
+    with rd.lock("run"):
+        if restart:
+            rd.restart(("generate", "train", "eval"), _log)
+        result = pipeline.run_all(cfg, rd, _log)
     metric = result["metric"]
     parts = [f"{k} {100 * result[k][metric]:.1f}%" for k in ("system1", "system2", "distilled") if k in result]
     click.echo(f"done: {metric} {', '.join(parts)}; {result['distillability']['verdict']}")
@@ -55,12 +60,16 @@ def run(job, out, overrides):
 @JOB
 @OUT
 @SET
-def generate(job, out, overrides):
+@RESTART
+def generate(job, out, overrides, restart):
     """System 2 generation and consistency vote: writes generate/ and distill/ (resumes)."""
     from s2d_ray import pipeline
 
     cfg, rd = _load(job, overrides, out)
-    stats = pipeline.generate(cfg, rd, _log)
+    with rd.lock("generate"):
+        if restart:
+            rd.restart(("generate",), _log)
+        stats = pipeline.generate(cfg, rd, _log)
     click.echo(f"kept {stats['kept']} of {stats['inputs']} inputs; run directory: {rd.root}")
 
 
@@ -68,12 +77,16 @@ def generate(job, out, overrides):
 @JOB
 @OUT
 @SET
-def train(job, out, overrides):
+@RESTART
+def train(job, out, overrides, restart):
     """Fine-tune on distill/ with DeepSpeed ZeRO-3: writes model/."""
     from s2d_ray import pipeline
 
     cfg, rd = _load(job, overrides, out)
-    pipeline.train(cfg, rd, _log)
+    with rd.lock("train"):
+        if restart:
+            rd.restart(("train",), _log)
+        pipeline.train(cfg, rd, _log)
     click.echo(f"model: {rd.model}")
 
 
@@ -81,13 +94,17 @@ def train(job, out, overrides):
 @JOB
 @OUT
 @SET
-def eval_(job, out, overrides):
+@RESTART
+def eval_(job, out, overrides, restart):
     """Evaluate System 1, System 2 and the distilled model: writes eval.json and report.html."""
     from s2d_ray import pipeline
 
     cfg, rd = _load(job, overrides, out)
-    result = pipeline.evaluate(cfg, rd, _log)
-    pipeline.report(rd)
+    with rd.lock("eval"):
+        if restart:
+            rd.restart(("eval",), _log)
+        result = pipeline.evaluate(cfg, rd, _log)
+        pipeline.report(rd)
     click.echo(result["distillability"]["text"])
     click.echo(f"report: {rd.report_html}")
 
@@ -124,23 +141,28 @@ def estimate(job, overrides, price):
 ADDRESS = click.option(
     "--address", default=None, metavar="http://HEAD:8265", help="The cluster's Ray dashboard (default: $RAY_ADDRESS)."
 )
+INSECURE = click.option(
+    "--insecure", is_flag=True, help="Allow sending the Ray token over plain http:// to a non-local address."
+)
 
 
 @cli.command()
 @JOB
 @ADDRESS
 @SET
-@click.option("--out", "out", default=None, help="Run directory on the cluster (default: the job's `out`).")
+@click.option("--out", "out", default=None,
+              help="Run directory on the cluster's shared storage: absolute, or relative to $S2D_RUNS / cluster.runs_dir.")
+@INSECURE
 @click.option("--no-wait", is_flag=True, help="Print the job id and return instead of streaming the logs.")
 @click.option("--command", type=click.Choice(["run", "generate", "train", "eval"]), default="run", show_default=True)
-def submit(job, address, overrides, out, no_wait, command):
+def submit(job, address, overrides, out, insecure, no_wait, command):
     """Submit JOB.yaml to a Ray cluster (Ray Jobs) and stream its logs until it ends."""
     from pathlib import Path
 
     from s2d_ray.submit import follow
     from s2d_ray.submit import submit as send
 
-    jc, job_id = send(Path(job), overrides, address, command, out)
+    jc, job_id = send(Path(job), overrides, address, command, out, insecure)
     click.echo(f"submitted: {job_id}")
     if no_wait:
         click.echo(f"follow it with: s2d jobs logs {job_id}" + (f" --address {address}" if address else ""))
@@ -159,31 +181,34 @@ def jobs() -> None:
 @jobs.command()
 @click.argument("job_id")
 @ADDRESS
-def status(job_id, address):
+@INSECURE
+def status(job_id, address, insecure):
     """Print a job's status."""
     from s2d_ray.submit import status as job_status
 
-    click.echo(job_status(address, job_id))
+    click.echo(job_status(address, job_id, insecure))
 
 
 @jobs.command()
 @click.argument("job_id")
 @ADDRESS
-def logs(job_id, address):
+@INSECURE
+def logs(job_id, address, insecure):
     """Print a job's logs so far."""
     from s2d_ray.submit import logs as job_logs
 
-    click.echo(job_logs(address, job_id), nl=False)
+    click.echo(job_logs(address, job_id, insecure), nl=False)
 
 
 @jobs.command()
 @click.argument("job_id")
 @ADDRESS
-def stop(job_id, address):
+@INSECURE
+def stop(job_id, address, insecure):
     """Stop a running job."""
     from s2d_ray.submit import stop as stop_job
 
-    click.echo(f"{job_id}: {'stop requested' if stop_job(address, job_id) else 'not running'}")
+    click.echo(f"{job_id}: {'stop requested' if stop_job(address, job_id, insecure) else 'not running'}")
 
 
 @cli.group()
@@ -225,6 +250,12 @@ def main(argv: list[str] | None = None) -> None:
         cmd = err.ctx.command_path if err.ctx else "s2d"
         click.echo(f"{cmd}: error: {err.format_message()} (see {cmd} --help)", err=True)
         sys.exit(2)
+    except OSError as err:
+        # Disk full, permission denied, read-only volume, file too large: what and where.
+        # Files are written to temporary names and renamed: nothing earlier was damaged.
+        where = f": {err.filename}" if err.filename else ""
+        click.echo(f"s2d: error: {err.strerror or err}{where} (earlier results are untouched)", err=True)
+        sys.exit(1)
     except click.exceptions.Abort:
         click.echo("s2d: aborted", err=True)
         sys.exit(130)

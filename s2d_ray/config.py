@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from s2d_ray.errors import ConfigError
 from s2d_ray.methods import METHODS, Program, check_prompt_overrides
@@ -146,6 +146,12 @@ class TrainConfig(Strict):
     seed: int = 0
     # How Ray places the worker group's bundles across nodes (Ray placement-group strategies).
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Fault tolerance: a ZeRO-3 checkpoint (every rank writes its own shard) every this many
+    # steps (None: about ten a run; 0: none), the newest `keep_checkpoints` kept, and the
+    # worker group restarted from the latest one up to `max_failures` times.
+    checkpoint_every: int | None = Field(None, ge=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(3, ge=0)
     # Timeout of every collective of the trainer group (NCCL/gloo), the data-parallel
     # clone DeepSpeed makes included; a rank that waits longer fails the group.
     collective_timeout_s: float = Field(1800.0, ge=60.0)
@@ -207,6 +213,15 @@ class ClusterConfig(Strict):
     max_nodes: int | None = Field(None, ge=1)
     # Host memory per GPU node (CPU offload keeps optimizer states / parameters there).
     host_memory_gib: float | None = Field(None, gt=0.0)
+    # Where `s2d submit` puts run directories whose --out is relative (storage every node sees).
+    runs_dir: str | None = None
+
+    @field_validator("runs_dir")
+    @classmethod
+    def _absolute(cls, value):
+        if value is not None and not os.path.isabs(value):
+            raise ValueError(f"must be an absolute path on shared storage, not {value!r}")
+        return value
 
 
 class RayConfig(Strict):
@@ -310,9 +325,15 @@ def parse_config(data: dict, source: str = "job") -> JobConfig:
 def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: job file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a job file") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text job file (byte {err.start} is not UTF-8)") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the job file ({err.strerror})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -31,6 +31,9 @@ GPU_ENGINE_ENV = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "fa
 class Completion:
     text: str
     tokens: int
+    # Set when the prompt was not generated from (it does not fit the context): the
+    # input fails alone instead of failing its whole batch.
+    error: str | None = None
 
 
 class Engine:
@@ -64,6 +67,7 @@ class Engine:
             )
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
     def generate(
         self,
@@ -90,8 +94,16 @@ class Engine:
             max_tokens=max_tokens,
         )
         prompts = [chat_prompt(self.tokenizer, t) for t in user_texts]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [[Completion(o.text, len(o.token_ids)) for o in out.outputs] for out in outputs]
+        # vLLM rejects a whole generate() call when one prompt does not fit the context;
+        # such a prompt is left out here and answered with an error of its own.
+        lengths = [len(self.tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
+        fits = [i for i, n in enumerate(lengths) if n < self.max_model_len]
+        outputs = dict(zip(fits, self.llm.generate([prompts[i] for i in fits], params, use_tqdm=False))) if fits else {}
+        too_long = lambda n: Completion("", 0, f"prompt of {n} tokens does not fit engine.max_model_len {self.max_model_len}")  # noqa: E731
+        return [
+            [Completion(o.text, len(o.token_ids)) for o in outputs[i].outputs] if i in outputs else [too_long(lengths[i])] * n
+            for i in range(len(prompts))
+        ]
 
     def prompt_tokens(self, user_text: str) -> int:
         """Length of a chat-formatted prompt in tokens (to check it fits the context)."""

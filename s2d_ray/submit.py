@@ -42,7 +42,31 @@ def read_token() -> tuple[str | None, str]:
     return None, "none (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)"
 
 
-def client(address: str | None):
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_transport(address: str, insecure: bool = False) -> None:
+    """A token is a password to the whole cluster: it may go over plain http only to this
+    machine (an SSH tunnel or a port-forward ends here), else over https."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else f"http://{address}")
+    if parts.scheme == "http" and not is_loopback(parts.hostname or "") and not insecure:
+        raise S2DError(
+            f"refusing to send the Ray token over plain http:// to {parts.hostname}: use https://, or an SSH "
+            "tunnel / port-forward and --address http://127.0.0.1:8265 (or pass --insecure)"
+        )
+
+
+def client(address: str | None, insecure: bool = False):
     """A JobSubmissionClient for the dashboard at `address`, authenticated if a token is set."""
     from ray.job_submission import JobSubmissionClient
 
@@ -50,6 +74,8 @@ def client(address: str | None):
     if not address:
         raise S2DError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
     token, source = read_token()
+    if token:
+        check_transport(address, insecure)
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
         return JobSubmissionClient(address, headers=headers)
@@ -79,20 +105,41 @@ def _call(address: str, fn, *args):
         raise S2DError(_explain(err, address, read_token()[1])) from None
 
 
-def submit(job: Path, overrides: tuple[str, ...], address: str | None, command: str = "run", out: str | None = None) -> tuple[object, str]:
+def cluster_run_dir(out: str | None, cfg) -> str:
+    """Where the run directory is on the cluster, explicitly: an absolute path on storage
+    every node sees. A relative one would land in the job's temporary working directory
+    on the head node and vanish with it."""
+    path = out or cfg.out
+    if os.path.isabs(path):
+        return path
+    base = os.environ.get("S2D_RUNS") or cfg.cluster.runs_dir
+    if not base:
+        raise S2DError(
+            f"run directory {path!r} is relative: on a cluster it would land in the job's temporary folder. "
+            "Pass an absolute --out on shared storage, or set S2D_RUNS or cluster.runs_dir"
+        )
+    if not os.path.isabs(base):
+        raise S2DError(f"S2D_RUNS / cluster.runs_dir must be an absolute path on shared storage, not {base!r}")
+    return os.path.join(base, path)
+
+
+def submit(
+    job: Path, overrides: tuple[str, ...], address: str | None, command: str = "run", out: str | None = None,
+    insecure: bool = False,
+) -> tuple[object, str]:
     """Upload the job file and the package and start `s2d <command>` on the cluster."""
     from s2d_ray.config import load_config
 
     cfg = load_config(job, overrides)  # fails here, on the laptop, on any bad setting
-    jc = client(address)
+    out = cluster_run_dir(out, cfg)
+    jc = client(address, insecure)
     staging = Path(tempfile.mkdtemp(prefix="s2d-submit-"))
     try:
         shutil.copy(job, staging / "job.yaml")
         args = ["python", "-m", "s2d_ray.cli", command, "job.yaml"]
         for o in overrides:
             args += ["--set", o]
-        if out:
-            args += ["--out", out]
+        args += ["--out", out]
         runtime_env = {
             "working_dir": str(staging),
             "py_modules": [str(PACKAGE)],
@@ -126,18 +173,18 @@ def _address(address: str | None) -> str:
     return address or os.environ.get("RAY_ADDRESS", "")
 
 
-def status(address: str | None, job_id: str) -> str:
-    jc = client(address)
+def status(address: str | None, job_id: str, insecure: bool = False) -> str:
+    jc = client(address, insecure)
     info = _call(_address(address), jc.get_job_info, job_id)
     message = f" ({info.message})" if getattr(info, "message", None) else ""
     return f"{job_id}: {_status_name(info.status)}{message}"
 
 
-def logs(address: str | None, job_id: str) -> str:
-    jc = client(address)
+def logs(address: str | None, job_id: str, insecure: bool = False) -> str:
+    jc = client(address, insecure)
     return _call(_address(address), jc.get_job_logs, job_id)
 
 
-def stop(address: str | None, job_id: str) -> bool:
-    jc = client(address)
+def stop(address: str | None, job_id: str, insecure: bool = False) -> bool:
+    jc = client(address, insecure)
     return bool(_call(_address(address), jc.stop_job, job_id))

@@ -64,19 +64,31 @@ def build_zero3_config(cfg: TrainConfig, world_size: int, total_steps: int, on_c
                 "torch_adam": not cfg.offload_optimizer,
             },
         },
-        "scheduler": {
-            "type": "WarmupDecayLR",
-            "params": {
-                "warmup_min_lr": 0.0,
-                "warmup_max_lr": cfg.lr,
-                "warmup_num_steps": max(1, min(cfg.warmup_steps, total_steps - 1)),  # DeepSpeed wants >= 1
-                "total_num_steps": max(total_steps, 1),
-                "warmup_type": "linear",
-            },
-        },
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Share of train.lr at optimizer step `step` (0-based): linear warm-up over `warmup`
+    steps, then linear decay to 1/total at the last step. Step 0 trains at full rate when
+    there is no warm-up (DeepSpeed's WarmupDecayLR spends its first steps at lr 0: two of
+    the paper's three last-letter steps would have done nothing)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def lr_schedule(cfg: TrainConfig, total: int):
+    """The scheduler deepspeed.initialize builds around its optimizer (saved in checkpoints)."""
+
+    def build(optimizer):
+        import torch
+
+        warmup = min(cfg.warmup_steps, max(0, total - 1))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))
+
+    return build
 
 
 def total_steps(cfg: TrainConfig, rows: int) -> int:
@@ -200,7 +212,9 @@ def train_loop(config: dict) -> None:
     set_data_parallel_timeout(world, cfg.collective_timeout_s)
     ds_config = build_zero3_config(cfg, world, steps, on_cpu=config["on_cpu"])
     model, tokenizer, hf_ds = load_zero3_model(config["model_path"], cfg, ds_config)  # noqa: F841 (hf_ds kept alive)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=ds_config, lr_scheduler=lr_schedule(cfg, steps)
+    )
 
     shard = ray.train.get_dataset_shard("train")
     if config["stream"]:
@@ -211,14 +225,33 @@ def train_loop(config: dict) -> None:
         batches = _cycle_batches(shard, cfg.micro_batch_size)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     started = time.perf_counter()
-    tokens_seen = 0
-    metrics = {"step": 0, "loss": None, "tokens": 0, "seconds": 0.0}
-    for step in range(1, steps + 1):
+    first, tokens_seen, consumed = 1, 0, 0
+    resumed = None if config["stream"] else ray.train.get_checkpoint()
+    if resumed is not None:
+        # The group was restarted (a rank died) or the command rerun on the same inputs:
+        # model, optimizer and LR schedule come back from every rank's shard, and the data
+        # stream skips the micro-batches the checkpointed steps had consumed.
+        with resumed.as_directory() as folder:
+            state = json.loads((Path(folder) / TRAIN_STATE).read_text())
+            loaded, _ = engine.load_checkpoint(
+                folder, tag=ZERO_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+            )  # fmt: skip
+            if loaded is None:  # DeepSpeed only warns: never go on from fresh weights as if resumed
+                raise RuntimeError(f"rank {rank}: the checkpoint in {folder} could not be loaded ({sorted(os.listdir(folder))})")
+        first, tokens_seen, consumed = state["step"] + 1, state["tokens"], state["micro_batches"]
+        for _ in range(consumed):
+            next(batches)
+        if rank == 0:
+            print(f"train: resumed from the checkpoint of step {state['step']} of {steps} ({Path(loaded).parent.parent.name})", flush=True)
+    every = checkpoint_interval(cfg, steps) if not config["stream"] else 0
+    metrics = {"step": first - 1, "loss": None, "tokens": tokens_seen, "seconds": 0.0}
+    for step in range(first, steps + 1):
         losses = []
         for _ in range(cfg.grad_accum):
             batch = next(batches, None)
             if batch is None:
                 break
+            consumed += 1
             encoded = [encode(tokenizer, p, t, cfg.max_seq_len) for p, t in zip(batch["prompt"], batch["target"])]
             loss, tokens = train_micro_batch(engine, encoded, pad)
             tokens_seen += tokens
@@ -236,6 +269,8 @@ def train_loop(config: dict) -> None:
                 f"{tokens_seen / elapsed:.0f} tok/s/worker  {elapsed:.0f}s",
                 flush=True,
             )
+        if every and step % every == 0 and step < steps:
+            save_checkpoint(engine, rank, {"step": step, "tokens": tokens_seen, "micro_batches": consumed}, metrics)
 
     if metrics["step"] == 0:  # nothing came down the stream: no model, not the base one renamed
         ray.train.report(metrics)
@@ -248,8 +283,9 @@ def train_loop(config: dict) -> None:
         checkpoint = None
         if rank == 0:
             tokenizer.save_pretrained(export)
+            (export / TRAIN_STATE).write_text(json.dumps({**metrics, "final": True, "tokens_total": tokens_seen * world}))
             checkpoint = ray.train.Checkpoint.from_directory(str(export))
-        ray.train.report({**metrics, "tokens_total": tokens_seen * world}, checkpoint=checkpoint)
+        ray.train.report({**metrics, "tokens_total": tokens_seen * world, "final": True}, checkpoint=checkpoint)
     finally:
         shutil.rmtree(export, ignore_errors=True)
 
@@ -284,6 +320,35 @@ def write_safetensors(path: Path, tensors: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.chmod(path, 0o644)
+
+
+ZERO_TAG = "zero"  # DeepSpeed's checkpoint tag: <checkpoint>/zero/<one file per rank and kind>
+TRAIN_STATE = "s2d_train_state.json"  # step, tokens, micro-batches consumed; "final" on the export
+
+
+def checkpoint_interval(cfg: TrainConfig, steps: int) -> int:
+    """Steps between checkpoints: `train.checkpoint_every`, or about ten a run; 0: none.
+    Unset and under ten steps: none (redoing a few steps costs less than saving them)."""
+    if cfg.checkpoint_every is not None:
+        return cfg.checkpoint_every
+    return steps // 10 if steps >= 10 else 0
+
+
+def save_checkpoint(engine, rank: int, state: dict, metrics: dict) -> None:
+    """Every rank writes its own ZeRO-3 shard (model, optimizer, scheduler) to local disk
+    and reports it; Ray Train merges the ranks' files into one checkpoint folder, which
+    counts only once every rank's upload has finished (a cut-short save never becomes the
+    latest checkpoint). Collective."""
+    import ray.train
+
+    folder = Path(tempfile.mkdtemp(prefix="s2d-ckpt-"))
+    try:
+        engine.save_checkpoint(str(folder), tag=ZERO_TAG)
+        if rank == 0:
+            (folder / TRAIN_STATE).write_text(json.dumps(state))
+        ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class _ShardWriter:
@@ -430,8 +495,14 @@ def local_process_group(backend: str, rank: int = 0, world_size: int = 1, port: 
     deepspeed.init_distributed(dist_backend=backend)
 
 
-def train(distill_dir: Path, model_path: Path, out_dir: Path, storage: Path, cfg: TrainConfig, log=print) -> dict:
-    """Fine-tune on the distillation set; writes a Hugging Face checkpoint to `out_dir`."""
+def train(
+    distill_dir: Path, model_path: Path, out_dir: Path, storage: Path, cfg: TrainConfig, log=print, attempt: str | None = None
+) -> dict:
+    """Fine-tune on the distillation set; writes a Hugging Face checkpoint to `out_dir`.
+
+    `attempt` names this training's storage under `storage` (a fingerprint of its inputs):
+    a rerun with the same inputs resumes from its latest checkpoint; other attempts'
+    storage is removed, so a stale checkpoint never becomes this run's result."""
     import ray
 
     # Materialized up front: the distillation set is small text, and the trainer workers
@@ -446,22 +517,70 @@ def train(distill_dir: Path, model_path: Path, out_dir: Path, storage: Path, cfg
         log(f"training: {rows} row(s) for {cfg.workers} workers; repeating them so every worker has data")
         ds = ray.data.from_items(ds.take_all() * math.ceil(cfg.workers / rows)).materialize()
     steps = total_steps(cfg, rows)
-    log(f"training: {rows} rows, {steps} steps, {cfg.workers} workers, ZeRO-3")
-    return fit(ds, rows, steps, model_path, out_dir, storage, cfg, stream=False)
+    every = checkpoint_interval(cfg, steps)
+    log(f"training: {rows} rows, {steps} steps, {cfg.workers} workers, ZeRO-3"
+        + (f", a checkpoint every {every} steps" if every else ""))  # fmt: skip
+    return fit(ds, rows, steps, model_path, out_dir, storage, cfg, stream=False, attempt=attempt, log=log)
 
 
 def train_stream(ds, model_path: Path, out_dir: Path, storage: Path, cfg: TrainConfig, log=print) -> dict:
-    """Fine-tune on a distillation stream while it is generated (one pass, `cfg.steps` at most)."""
+    """Fine-tune on a distillation stream while it is generated (one pass, `cfg.steps` at most).
+
+    A stream cannot be replayed: no checkpoints, no restarts; a failure fails the stage
+    (the rows are in generate/ and distill/, so `s2d train` can then train on them)."""
     log(f"training: streaming, up to {cfg.steps} steps, {cfg.workers} workers, ZeRO-3")
-    return fit(ds, None, cfg.steps, model_path, out_dir, storage, cfg, stream=True)
+    return fit(ds, None, cfg.steps, model_path, out_dir, storage, cfg, stream=True, attempt=None, log=log)
 
 
-def fit(ds, rows: int | None, steps: int, model_path: Path, out_dir: Path, storage: Path, cfg: TrainConfig, stream: bool) -> dict:
-    """Run the Ray Train worker group over `ds` and move its checkpoint into `out_dir`."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+def finished_export(attempt_dir: Path) -> Path | None:
+    """The exported model of an attempt whose training ended but whose driver did not get
+    to move it into place (killed in between), if there is one."""
+    done = [p.parent for p in attempt_dir.glob(f"checkpoint_*/{TRAIN_STATE}") if json.loads(p.read_text()).get("final")]
+    return max(done, key=lambda p: p.name) if done else None
+
+
+def fit(
+    ds, rows: int | None, steps: int, model_path: Path, out_dir: Path, storage: Path, cfg: TrainConfig, stream: bool,
+    attempt: str | None, log=print,
+) -> dict:
+    """Run the Ray Train worker group over `ds` and move its exported model into `out_dir`."""
+    import uuid
 
     from s2d_ray.rundir import replace_dir
+
+    name = f"train-{attempt or uuid.uuid4().hex[:16]}"
+    storage.mkdir(parents=True, exist_ok=True)
+    for other in storage.iterdir():  # earlier attempts on other inputs: never this one's result
+        if other.is_dir() and other.name != name:
+            shutil.rmtree(other, ignore_errors=True)
+    started = time.perf_counter()
+    exported = finished_export(storage / name)
+    if exported is not None:
+        log(f"training: this attempt had already finished ({storage.name}/{name}); using its exported model")
+        metrics = json.loads((exported / TRAIN_STATE).read_text())
+    else:
+        exported, metrics = _run_trainer(ds, steps, model_path, storage, cfg, stream, name)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    os.rmdir(tmp)
+    shutil.move(str(exported), str(tmp))  # a rename on one filesystem: the model is stored once
+    (tmp / TRAIN_STATE).unlink(missing_ok=True)
+    replace_dir(tmp, out_dir)
+    shutil.rmtree(storage / name, ignore_errors=True)  # its ZeRO-3 checkpoints are spent
+    return {
+        "rows": rows,
+        "steps": metrics.get("step", steps),
+        "streaming": stream,
+        "final_loss": metrics.get("loss"),
+        "tokens": metrics.get("tokens_total"),
+        "seconds": time.perf_counter() - started,
+        "workers": cfg.workers,
+    }
+
+
+def _run_trainer(ds, steps: int, model_path: Path, storage: Path, cfg: TrainConfig, stream: bool, name: str):
+    """Ray Train's fit; returns (the exported model's folder in storage, final metrics)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     env = {"TOKENIZERS_PARALLELISM": "false"}
     on_cpu = not cfg.use_gpu or fake_gpus()  # fake GPUs (tests): GPU resources, CPU compute
@@ -486,24 +605,27 @@ def fit(ds, rows: int | None, steps: int, model_path: Path, out_dir: Path, stora
         # Covers every collective, the export's gathers while rank 0 writes a shard included.
         torch_config=TorchConfig(backend=backend, timeout_s=int(cfg.collective_timeout_s)),
         datasets={"train": ds},
-        run_config=RunConfig(name="train", storage_path=str(storage)),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            # A dead rank restarts the group from the latest checkpoint (a stream cannot be replayed).
+            failure_config=FailureConfig(max_failures=0 if stream else cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
     )
-    started = time.perf_counter()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as err:  # Ray Train wraps the ranks' errors; one line, and where to look
+        cause = str(err).strip().splitlines()
+        kept = sorted((storage / name).glob("checkpoint_*"))
+        resume = f"; the latest checkpoint is kept ({kept[-1].name}): rerun the same command to resume" if kept else ""
+        raise S2DError(
+            f"training failed after {cfg.max_failures} restart(s): {cause[-1] if cause else type(err).__name__}"
+            f"{resume} (full log: the Ray session's logs, /tmp/ray/session_latest/logs)"
+        ) from None
     metrics = result.metrics or {}
-    if result.checkpoint is None:
+    if result.checkpoint is None or not metrics.get("final"):
         if stream and not metrics.get("step"):
             raise EmptyDistillSet("the distillation stream brought no rows: the filter kept no input")
-        raise S2DError("training finished without a checkpoint")
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    result.checkpoint.to_directory(str(tmp))
-    replace_dir(tmp, out_dir)
-    return {
-        "rows": rows,
-        "steps": metrics.get("step", steps),
-        "streaming": stream,
-        "final_loss": metrics.get("loss"),
-        "tokens": metrics.get("tokens_total"),
-        "seconds": time.perf_counter() - started,
-        "workers": cfg.workers,
-    }
+        raise S2DError("training finished without an exported model")
+    return Path(result.checkpoint.path), metrics

@@ -50,7 +50,9 @@ def run_rank(rank: int, args) -> None:
     import torch
 
     from s2d_ray.config import TrainConfig
-    from s2d_ray.training import build_zero3_config, export_hf, load_zero3_model, local_process_group, train_micro_batch
+    from s2d_ray.training import (
+        build_zero3_config, export_hf, load_zero3_model, local_process_group, lr_schedule, train_micro_batch,
+    )  # fmt: skip
 
     gpu = args.device == "cuda"
     if gpu:
@@ -66,7 +68,9 @@ def run_rank(rank: int, args) -> None:
     ds_config = build_zero3_config(cfg, args.world, STEPS, on_cpu=not gpu)
     torch.manual_seed(0)
     model, _, hf_ds = load_zero3_model(tiny_llama_config(), cfg, ds_config)  # noqa: F841 (kept alive)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=ds_config, lr_scheduler=lr_schedule(cfg, STEPS)
+    )
     losses = []
     for step in range(STEPS):
         loss, _ = train_micro_batch(engine, examples(1000 * step + rank, 2), pad_id=0)

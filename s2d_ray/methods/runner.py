@@ -20,6 +20,7 @@ class Sample:
     values: dict[str, str]  # template values: task fields + outputs of finished steps
     tokens: dict[str, int] = field(default_factory=dict)  # generated tokens per step
     final: str = ""
+    error: str | None = None  # why this sample stopped (e.g. a step's prompt did not fit the context)
 
 
 def run_program(
@@ -41,22 +42,31 @@ def run_program(
     per_input: list[list[Sample]] = []
     for values, completions in zip(inputs, outs):
         per_input.append(
-            [Sample({**values, first.name: c.text}, {first.name: c.tokens}, c.text) for c in completions]
-        )
+            [Sample({**values, first.name: c.text}, {first.name: c.tokens}, c.text, f"{first.name}: {c.error}" if c.error else None)
+             for c in completions]
+        )  # fmt: skip
     flat = [s for group in per_input for s in group]
     for step in rest:
+        for s in flat:
+            s.tokens.setdefault(step.name, 0)
+        live = [s for s in flat if s.error is None]  # a failed sample takes no further step
         if step.over is None:
-            jobs = [(s, None) for s in flat]
+            jobs = [(s, None) for s in live]
         else:
-            jobs = [(s, item) for s in flat for item in split_items(s.values[step.over], step.max_items)]
+            jobs = [(s, item) for s in live for item in split_items(s.values[step.over], step.max_items)]
         prompts = [render(step.template, s.values if item is None else {**s.values, "item": item}) for s, item in jobs]
-        outs = engine.generate(prompts, n=1, **sampling)
+        outs = engine.generate(prompts, n=1, **sampling) if prompts else []
         pieces: dict[int, list[str]] = {}
         for (s, item), (c,) in zip(jobs, outs):
-            s.tokens[step.name] = s.tokens.get(step.name, 0) + c.tokens
+            s.tokens[step.name] += c.tokens
+            if c.error and s.error is None:
+                s.error = f"{step.name}: {c.error}"
             pieces.setdefault(id(s), []).append(c.text if item is None else f"{item}\n{c.text.strip()}")
-        for s in flat:
-            mine = pieces[id(s)]
+        for s in live:
+            if s.error is not None:
+                s.final = ""
+                continue
+            mine = pieces.get(id(s), [])
             s.values[step.name] = mine[0] if step.over is None else "\n\n".join(f"{k}. {p}" for k, p in enumerate(mine, 1))
             s.final = s.values[step.name]
     return per_input

@@ -8,14 +8,26 @@ from typing import Literal
 
 from pydantic import model_validator
 
+from s2d_ray.errors import DataError
 from s2d_ray.tasks.base import Example
 from s2d_ray.tasks.data import FileTask, get
+
+
+def _present(record: dict, dotted: str) -> bool:
+    node = record
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or node.get(part) is None:
+            return False
+        node = node[part]
+    return True
 
 
 class UserTask(FileTask):
     name: Literal["custom"] = "custom"
     prompt_field: str  # dotted for nested records: "input.text"
     answer_field: str | None = None  # without it the task can be distilled but not scored
+    # The record's own id (dotted); duplicates are an error. None: an id from the content.
+    id_field: str | None = None
     # How the prompt is built; {prompt} is the prompt field's text.
     prompt_template: str = "{prompt}"
     # Exactly one extractor: a regex (its first group, else the whole match; the last match
@@ -62,11 +74,22 @@ class UserTask(FileTask):
                     return c
         return text if self.case_sensitive else text.lower()
 
+    def id_of(self, record: dict, split: str, seen: dict, where: str) -> str:
+        if self.id_field is None:
+            return super().id_of(record, split, seen, where)
+        value = get(record, self.id_field, where, str)
+        if value in seen:
+            raise DataError(f"{where}: id {value!r} (field {self.id_field!r}) repeats record {seen[value]}; ids must be unique")
+        seen[value] = int(where.rsplit(" ", 1)[-1])
+        return f"{split}-{value}"
+
     def example(self, record: dict, id: str, where: str) -> Example:
-        prompt = self.prompt_template.replace("{prompt}", str(get(record, self.prompt_field, where)))
+        prompt = self.prompt_template.replace("{prompt}", get(record, self.prompt_field, where, str))
         gold = None
-        if self.answer_field is not None:
-            gold = self._norm(str(get(record, self.answer_field, where)))
+        # A missing label is fine (the train split's labels are never used); evaluation
+        # says how many inputs of its split lack one.
+        if self.answer_field is not None and _present(record, self.answer_field):
+            gold = self._norm(get(record, self.answer_field, where, str))
         return Example(id, f"{prompt}\n{self.answer_format}", gold)
 
     def extract(self, text: str) -> str | None:

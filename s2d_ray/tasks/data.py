@@ -44,7 +44,13 @@ def read_records(path: str, split: str = "train") -> list[dict]:
 
 
 def _read_json(p: Path) -> list[dict]:
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = p.read_bytes()[: err.start].count(b"\n") + 1
+        raise DataError(f"{p} line {line}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from None
+    except OSError as err:
+        raise DataError(f"{p}: cannot read ({err.strerror})") from None
     if p.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             records = json.loads(text)
@@ -113,13 +119,28 @@ def _read_folder(p: Path, split: str) -> list[dict]:
     return [r for f in files for r in (_read_parquet(f) if f.suffix == ".parquet" else _read_json(f))]
 
 
-def get(record: dict, dotted: str, where: str) -> Any:
-    """record["a"]["b"] for "a.b", or one clear line naming the record and the field."""
+KINDS = {str: "text", list: "a list", dict: "an object", int: "an integer"}
+
+
+def get(record: dict, dotted: str, where: str, kind: type | None = None) -> Any:
+    """record["a"]["b"] for "a.b", or one clear line naming the record and the field.
+
+    With `kind`, the value must be of that type (text also takes a number, as text; an
+    integer also takes a string of digits)."""
     node: Any = record
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node or node[part] is None:
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if node is not None and not isinstance(node, dict):
+            raise DataError(f"{where}: field {'.'.join(parts[:i])!r} should be an object, not {type(node).__name__}")
+        if part not in node or node[part] is None:
             raise DataError(f"{where}: no field {dotted!r}")
         node = node[part]
+    if kind is str and isinstance(node, (int, float)) and not isinstance(node, bool):
+        return str(node)
+    if kind is int and isinstance(node, str) and node.strip().isdigit():
+        return int(node)
+    if kind is not None and (not isinstance(node, kind) or isinstance(node, bool)):
+        raise DataError(f"{where}: field {dotted!r} should be {KINDS[kind]}, not {type(node).__name__}")
     return node
 
 
@@ -165,9 +186,20 @@ class FileTask(Task):
             raise DataError(f"task.data.{split}: no file given for the {split} split of task {self.name!r}")
         path = self.data[split]
         records = read_records(path, split)
+        if not records:
+            raise DataError(f"{path}: the {split} split is empty")
         seen: dict[str, int] = {}
-        out = [self.example(r, record_id(split, r, seen), f"{path} record {n}") for n, r in enumerate(records, 1)]
+        out = []
+        for n, record in enumerate(records, 1):
+            where = f"{path} record {n}"
+            try:
+                out.append(self.example(record, self.id_of(record, split, seen, where), where))
+            except (TypeError, AttributeError, ValueError, KeyError) as err:  # a type the checks above missed
+                raise DataError(f"{where}: a field has an unexpected type ({type(err).__name__}: {err})") from None
         return self.select(out, split)
+
+    def id_of(self, record: dict, split: str, seen: dict, where: str) -> str:
+        return record_id(split, record, seen)
 
     def select(self, examples: list[Example], split: str) -> list[Example]:
         n = self.limit.get(split)

@@ -37,6 +37,8 @@ def judge_prompt(question: str, a: str, b: str, answer_format: str) -> str:
 def _turns(conversation: list, turn: int, where: str, field: str) -> tuple[str, str]:
     users = [m.get("content", "") for m in conversation if isinstance(m, dict) and m.get("role") == "user"]
     bots = [m.get("content", "") for m in conversation if isinstance(m, dict) and m.get("role") == "assistant"]
+    if not all(isinstance(t, str) for t in users + bots):
+        raise DataError(f"{where}: field {field!r} has a message whose content is not text")
     if len(users) < turn or len(bots) < turn:
         raise DataError(f"{where}: field {field!r} has no turn {turn}")
     if turn == 1:
@@ -57,13 +59,13 @@ class Pairwise(FileTask):
     def example(self, record: dict, id: str, where: str) -> Example:
         winner = record.get("winner")
         if "conversation_a" in record or "turn" in record:
-            turn = int(get(record, "turn", where))
-            question, a = _turns(get(record, "conversation_a", where), turn, where, "conversation_a")
-            _, b = _turns(get(record, "conversation_b", where), turn, where, "conversation_b")
+            turn = get(record, "turn", where, int)
+            question, a = _turns(get(record, "conversation_a", where, list), turn, where, "conversation_a")
+            _, b = _turns(get(record, "conversation_b", where, list), turn, where, "conversation_b")
             group = f"turn{turn}"
         else:
-            question = str(get(record, "question", where))
-            a, b = str(get(record, "response_a", where)), str(get(record, "response_b", where))
+            question = get(record, "question", where, str)
+            a, b = get(record, "response_a", where, str), get(record, "response_b", where, str)
             group = None
         if winner is not None and winner not in _WINNER:
             raise DataError(f"{where}: field 'winner' is {winner!r}; expected one of {', '.join(_WINNER)}")

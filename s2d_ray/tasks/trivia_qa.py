@@ -47,20 +47,28 @@ class TriviaQA(FileTask):
         return known_splits(value)
 
     def example(self, record: dict, id: str, where: str) -> Example:
-        messages = get(record, "prompt", where)
+        messages = get(record, "prompt", where, list)
         human = [m for m in messages if isinstance(m, dict) and m.get("type", m.get("role")) in ("human", "user")]
-        if not human or not human[0].get("content"):
-            raise DataError(f"{where}: field 'prompt' has no human message")
+        if not human or not isinstance(human[0].get("content"), str) or not human[0]["content"].strip():
+            raise DataError(f"{where}: field 'prompt' has no human message with text content")
         base = record.get("base") or {}
-        aliases = list(base["answer"]) if base.get("answer") else []
+        if not isinstance(base, dict):
+            raise DataError(f"{where}: field 'base' should be an object, not {type(base).__name__}")
+        aliases = base.get("answer") or []
+        if isinstance(aliases, str):
+            aliases = [aliases]  # one alias given as a string (not split into letters)
+        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+            raise DataError(f"{where}: field 'base.answer' should be a list of alias strings, not {type(aliases).__name__}")
         correct = base.get("correct_answer")
+        if correct is not None and not isinstance(correct, str):
+            raise DataError(f"{where}: field 'base.correct_answer' should be text, not {type(correct).__name__}")
         golds = sorted({a for a in [*aliases, correct] if a})
-        template = get(record, "metadata.prompt_template", where)
+        template = get(record, "metadata.prompt_template", where, str)
         return Example(
             id,
             f"{human[0]['content'].strip()}\n{self.answer_format}",
             json.dumps(golds) if golds else None,
-            {"question_text": str(get(record, "base.question", where))},
+            {"question_text": get(record, "base.question", where, str)},
             group="unbiased" if template.strip() == UNBIASED_TEMPLATE else "biased",
         )
 

@@ -31,6 +31,10 @@ def test_interrupted_generation_resumes_without_redoing_work(tmp_path, local_job
             assert proc.poll() is None, "generation ended before it could be interrupted"
             assert time.time() < deadline, "no part written in time"
             time.sleep(0.5)
+        # A second process on the same run directory is refused while the first runs.
+        second = s2d(*args, check=False)
+        assert second.returncode == 1 and f"in use by `s2d generate` (pid {proc.pid} on " in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait()
@@ -51,3 +55,9 @@ def test_interrupted_generation_resumes_without_redoing_work(tmp_path, local_job
     again = s2d(*args)  # a finished run is a no-op
     assert f"resuming: {INPUTS} inputs already" in again.stderr
     assert pq.read_table(parts_dir).num_rows == INPUTS
+
+    # A rerun refused for changed settings leaves the run directory as it was, byte for byte.
+    before = (tmp_path / "run.json").read_bytes()
+    refused = s2d(*args, "--set", "sampling.temperature=0.9", check=False)
+    assert refused.returncode == 1 and "generated with other sampling settings" in refused.stderr
+    assert (tmp_path / "run.json").read_bytes() == before

@@ -81,7 +81,7 @@ def test_wrong_or_missing_token_is_refused_with_one_clear_line(head, local_job):
     assert wrong.returncode == 1
     assert wrong.stderr.strip() == f"s2d: error: the Ray cluster at {address} refused the token from RAY_AUTH_TOKEN: it is not this cluster's token"
     missing = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
-    proc = s2d("submit", str(local_job), "--address", address, "--no-wait", env=missing, check=False)
+    proc = s2d("submit", str(local_job), "--address", address, "--out", "/shared/runs/x", "--no-wait", env=missing, check=False)
     assert proc.returncode == 1 and "requires a token; none found" in proc.stderr and token not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 

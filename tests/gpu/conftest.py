@@ -76,6 +76,6 @@ def cuda_trained(tmp_path_factory):
 
 def learning_settings(*extra: str) -> list[str]:
     return cuda_settings(
-        f"task.train={PAIRS}", "train.steps=8", "train.lr=3e-4", "train.micro_batch_size=5",
+        f"task.train={PAIRS}", "train.steps=8", "train.lr=3e-4", "train.warmup_steps=2", "train.micro_batch_size=5",
         "eval.split=train", "eval.system2=false", *extra,
     )  # fmt: skip

@@ -132,3 +132,56 @@ def test_unknown_placeholder_is_reported():
     later = METHODS["rar2"].with_prompts({"rephrase": "{respond}"})
     with pytest.raises(ValueError, match="unknown placeholder"):
         later.check_templates({"question"})
+
+
+class ShortContextEngine(EchoEngine):
+    """Refuses prompts longer than `limit` characters, as Engine.generate does for prompts
+    that do not fit max_model_len: an error per prompt, never for the whole call."""
+
+    def __init__(self, limit: int, long_reply: str = ""):
+        super().__init__()
+        self.limit, self.long_reply = limit, long_reply
+
+    def generate(self, texts, *, n, temperature, top_p, max_tokens):
+        from s2d_ray.engine import Completion
+
+        self.calls.append((texts, n))
+        return [
+            [Completion("", 0, f"prompt of {len(t)} tokens does not fit engine.max_model_len {self.limit}")] * n
+            if len(t) > self.limit else [Completion(self.long_reply or f"out{len(self.calls)}-{i}", 3) for i in range(n)]
+            for t in texts
+        ]  # fmt: skip
+
+
+def test_an_input_too_long_for_the_context_fails_alone():
+    import json
+
+    import pandas as pd
+
+    from s2d_ray.generation import Pass, run_batch, vote_batch
+    from s2d_ray.config import FilterConfig
+
+    task = LastLetter(words_per_example=2)
+    short, long_ = task.examples("train")[:2]
+    long_question = long_.question + " pad" * 400
+    batch = pd.DataFrame({
+        "id": [short.id, long_.id], "input": [short.question, long_question], "answer": [short.answer, long_.answer],
+        "fields": [json.dumps(short.fields), json.dumps(long_.fields)],
+    })  # fmt: skip
+    engine = ShortContextEngine(limit=1200)
+    p = Pass("system2", METHODS["rar2"], 2, 0.7, 1.0, 8)
+    out = run_batch(engine, task, [p], batch, max_model_len=2048)
+    assert not isinstance(out["system2_failure"].tolist()[0], str) and out["system2_failed_samples"].tolist() == [0, 2]
+    assert out["system2_failure"].tolist()[1].startswith("rephrase: prompt of ")
+    assert out["system2_tokens_respond"].tolist()[1] == 0  # a failed sample takes no further step
+    voted = vote_batch(out, "system2", FilterConfig(samples=2), task)
+    assert voted["vote_reason"].tolist()[1] == "failed" and not voted["kept"].tolist()[1]
+    assert voted["vote_reason"].tolist()[0] != "failed"
+
+
+def test_a_step_two_prompt_grown_by_step_one_fails_that_sample_only():
+    engine = ShortContextEngine(limit=900, long_reply="x" * 1000)  # step 1's output makes step 2 too long
+    inputs = [{"question": "q1", "format": "F"}]
+    (samples,) = run_program(engine, METHODS["rar2"], inputs, samples=2, temperature=0.7, top_p=1.0, max_tokens=8)
+    assert all(s.error and s.error.startswith("respond: prompt of ") for s in samples)
+    assert all(s.final == "" and s.tokens == {"rephrase": 3, "respond": 0} for s in samples)

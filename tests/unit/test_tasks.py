@@ -225,3 +225,77 @@ def test_limit_is_a_seeded_subset_in_file_order():
     assert len(some) == 10 and some == GSM8K(data={"train": path}, limit={"train": 10}).examples("train")
     positions = [full.index(e) for e in some]
     assert positions == sorted(positions)
+
+
+# --- bad records: one line naming the file, the record and the field --------------------------
+
+
+def _jsonl(path, *records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+TRIVIA_OK = {
+    "prompt": [{"type": "human", "content": "Who wrote Hamlet? I think Marlowe."}],
+    "base": {"question": "Who wrote Hamlet?", "answer": ["Shakespeare", "William Shakespeare"]},
+    "metadata": {"prompt_template": "{question} I think the answer is {incorrect_answer}."},
+}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"prompt": "Who wrote Hamlet?"}, r"record 2: field 'prompt' should be a list, not str"),
+        ({"base": ["Shakespeare"]}, r"record 2: field 'base' should be an object, not list"),
+        ({"base": {"question": "q", "answer": 7}}, r"record 2: field 'base.answer' should be a list of alias strings"),
+        ({"metadata": {"prompt_template": ["x"]}}, r"record 2: field 'metadata.prompt_template' should be text"),
+        ({"prompt": [{"type": "human", "content": {"text": "x"}}]}, r"record 2: field 'prompt' has no human message"),
+    ],
+)
+def test_trivia_wrong_types_at_any_depth(tmp_path, change, message):
+    path = _jsonl(tmp_path / "t.jsonl", TRIVIA_OK, {**TRIVIA_OK, **change})
+    with pytest.raises(DataError, match=message):
+        TriviaQA(data={"test": path}).examples("test")
+
+
+def test_a_trivia_alias_given_as_a_string_is_one_alias(tmp_path):
+    record = {**TRIVIA_OK, "base": {"question": "Who wrote Hamlet?", "answer": "Shakespeare"}}
+    (e,) = TriviaQA(data={"test": _jsonl(tmp_path / "t.jsonl", record)}).examples("test")
+    assert json.loads(e.answer) == ["Shakespeare"]
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"question": ["q"], "response_a": "a", "response_b": "b"}, r"record 1: field 'question' should be text, not list"),
+        ({"turn": "two", "conversation_a": [], "conversation_b": []}, r"record 1: field 'turn' should be an integer"),
+        ({"turn": 1, "conversation_a": "hi", "conversation_b": []}, r"record 1: field 'conversation_a' should be a list"),
+        ({"turn": 1, "conversation_a": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}],
+          "conversation_b": []}, r"record 1: field 'conversation_a' has a message whose content is not text"),
+    ],
+)  # fmt: skip
+def test_pairwise_wrong_types(tmp_path, record, message):
+    with pytest.raises(DataError, match=message):
+        Pairwise(data={"train": _jsonl(tmp_path / "p.jsonl", record)}).examples("train")
+
+
+def test_non_utf8_and_empty_files_are_one_line(tmp_path):
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"latin.jsonl line 2: not UTF-8 text"):
+        UserTask(data={"train": str(latin)}, prompt_field="text", choices=["a"]).examples("train")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match=r"empty.jsonl: the train split is empty"):
+        UserTask(data={"train": str(empty)}, prompt_field="text", choices=["a"]).examples("train")
+
+
+def test_user_task_ids_labels_and_duplicates(tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", {"uid": "r1", "text": "a"}, {"uid": "r2", "text": "b", "label": "x"})
+    task = UserTask(data={"train": path}, prompt_field="text", answer_field="label", id_field="uid", choices=["x"])
+    first, second = task.examples("train")
+    assert (first.id, first.answer) == ("train-r1", None)  # an unlabeled train record is fine
+    assert (second.id, second.answer) == ("train-r2", "x")
+    dup = _jsonl(tmp_path / "dup.jsonl", {"uid": "r1", "text": "a"}, {"uid": "r1", "text": "b"})
+    with pytest.raises(DataError, match=r"dup.jsonl record 2: id 'r1' \(field 'uid'\) repeats record 1"):
+        UserTask(data={"train": dup}, prompt_field="text", id_field="uid", choices=["x"]).examples("train")

@@ -1,5 +1,5 @@
-"""The streamed export's file writing, without DeepSpeed: safetensors written straight
-from tensor memory read back identically, and shards keep a module whole."""
+"""Training pieces without DeepSpeed: the streamed export's files (safetensors written
+straight from tensor memory read back identically; shards keep a module whole) and the LR schedule."""
 
 import json
 
@@ -58,3 +58,10 @@ def test_one_shard_is_named_like_transformers_single_file(tmp_path):
     assert [f.name for f in writer.close()] == ["model.safetensors"]
     assert not (tmp_path / "model.safetensors.index.json").exists()
     assert writer.dtypes == {torch.bfloat16}
+
+
+def test_the_learning_rate_is_used_from_the_first_step():
+    from s2d_ray.training import lr_factor
+
+    assert [lr_factor(s, 0, 3) for s in range(3)] == [1.0, 2 / 3, 1 / 3]  # the paper's 3 last-letter steps
+    assert [lr_factor(s, 2, 4) for s in range(4)] == [0.5, 1.0, 1.0, 0.5]

@@ -1,0 +1,106 @@
+"""The run directory survives faults and second processes: one writer at a time, foreign
+folders refused, every write durable, interrupted writes repaired or cleaned up."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pyarrow as pa
+import pytest
+
+from s2d_ray import rundir
+from s2d_ray.errors import S2DError
+from s2d_ray.rundir import RunDir, RunDirInUse, atomic_write_json, read_parts, replace_dir, write_part
+
+HOLD = textwrap.dedent(
+    """
+    import sys, time
+    from s2d_ray.rundir import RunDir
+    with RunDir(sys.argv[1]).lock("generate"):
+        print("locked", flush=True)
+        time.sleep(float(sys.argv[2]))
+    """
+)
+
+
+def test_a_second_writer_is_refused_with_the_holder_named(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path), "30"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirInUse, match=rf"in use by `s2d generate` \(pid {holder.pid} on "):
+            with RunDir(tmp_path).lock("run"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without cleaning up: its lock is taken over.
+    with RunDir(tmp_path).lock("run"):
+        assert f"pid {os.getpid()}" in (tmp_path / ".s2d.lock").read_text()
+
+
+def test_a_foreign_folder_is_refused_and_left_alone(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "thesis.tex").write_text("mine")
+    with pytest.raises(S2DError, match="not an s2d run directory"):
+        with RunDir(tmp_path).lock("run"):
+            pass
+    assert (tmp_path / "model").is_dir() and (tmp_path / "thesis.tex").read_text() == "mine"
+    assert not (tmp_path / ".s2d.lock").exists()
+    # A stage's own folders before run.json exists (s2d train on a prepared distill/) are ours.
+    ours = tmp_path / "ours"
+    (ours / "distill").mkdir(parents=True)
+    with RunDir(ours).lock("train"):
+        pass
+
+
+def test_every_write_is_fsynced_and_group_readable(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(rundir.os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    atomic_write_json(tmp_path / "run.json", {"a": 1})
+    assert len(synced) == 2  # the file, then its directory
+    synced.clear()
+    part = write_part(tmp_path / "generate", pa.table({"id": ["x"]}))
+    assert len(synced) == 2
+    assert (tmp_path / "run.json").stat().st_mode & 0o777 == 0o644 and part.stat().st_mode & 0o777 == 0o644
+
+
+def test_an_interrupted_replace_is_repaired_and_leftovers_removed(tmp_path):
+    run = RunDir(tmp_path).create()
+    (tmp_path / "run.json").write_text("{}")
+    old = tmp_path / ".model.old-1234abcd"  # killed between replace_dir's two renames
+    old.mkdir()
+    (old / "config.json").write_text("{}")
+    write_part(run.generate, pa.table({"id": ["a"]}))
+    (run.generate / ".part-0.parquet.tmp").write_bytes(b"half")
+    (tmp_path / ".distill.tmp").mkdir()
+    (tmp_path / ".eval.json.x.tmp").write_text("{")
+    with run.lock("run"):
+        pass
+    assert (tmp_path / "model" / "config.json").exists() and not old.exists()
+    assert not list(tmp_path.glob(".*.tmp")) and not list(run.generate.glob(".*"))
+    assert read_parts(run.generate).num_rows == 1
+
+
+def test_a_truncated_part_is_moved_aside_and_its_ids_count_as_not_done(tmp_path, capsys):
+    run = RunDir(tmp_path).create()
+    (tmp_path / "run.json").write_text("{}")
+    good = write_part(run.generate, pa.table({"id": ["a"]}))
+    bad = write_part(run.generate, pa.table({"id": ["b"]}))
+    bad.write_bytes(bad.read_bytes()[:20])  # a full disk or a dead node cut it short
+    with run.lock("generate"):
+        pass
+    assert read_parts(run.generate).column("id").to_pylist() == ["a"] and good.exists()
+    assert (run.generate / ".quarantine" / bad.name).exists()
+    assert "damaged" in capsys.readouterr().out
+
+
+def test_replace_dir_keeps_the_old_result_until_the_new_one_is_whole(tmp_path):
+    final = tmp_path / "distill"
+    write_part(final, pa.table({"id": ["old"]}))
+    tmp = tmp_path / ".distill.tmp"
+    write_part(tmp, pa.table({"id": ["new"]}))
+    replace_dir(tmp, final)
+    assert read_parts(final).column("id").to_pylist() == ["new"] and not tmp.exists()
+    assert not list(tmp_path.glob(".distill.old-*"))
