@@ -10,6 +10,8 @@ from s2d_ray.errors import S2DError
 
 JOB = click.argument("job", type=click.Path(dir_okay=False))
 OUT = click.option("--out", "out", type=click.Path(file_okay=False), help="Run directory (default: the job's `out`).")
+RETRY = click.option("--retry-failed", "retry_failed", is_flag=True,
+                     help="Generate again the inputs recorded as failed (e.g. a prompt too long for the context).")
 RESTART = click.option("--restart", is_flag=True, help="Start over: remove what this command's stages wrote before.")
 SET = click.option(
     "--set", "overrides", multiple=True, metavar="KEY.SUB=VALUE", help="Override a job setting; repeatable."
@@ -40,7 +42,8 @@ def cli() -> None:
 @OUT
 @SET
 @RESTART
-def run(job, out, overrides, restart):
+@RETRY
+def run(job, out, overrides, restart, retry_failed):
     """Run every stage: generate, vote, train, evaluate, report."""
     from s2d_ray import pipeline
 
@@ -48,7 +51,7 @@ def run(job, out, overrides, restart):
     with rd.lock("run"):
         if restart:
             rd.restart(("generate", "train", "eval"), _log)
-        result = pipeline.run_all(cfg, rd, _log)
+        result = pipeline.run_all(cfg, rd, _log, retry_failed)
     metric = result["metric"]
     parts = [f"{k} {100 * result[k][metric]:.1f}%" for k in ("system1", "system2", "distilled") if k in result]
     click.echo(f"done: {metric} {', '.join(parts)}; {result['distillability']['verdict']}")
@@ -61,7 +64,8 @@ def run(job, out, overrides, restart):
 @OUT
 @SET
 @RESTART
-def generate(job, out, overrides, restart):
+@RETRY
+def generate(job, out, overrides, restart, retry_failed):
     """System 2 generation and consistency vote: writes generate/ and distill/ (resumes)."""
     from s2d_ray import pipeline
 
@@ -69,7 +73,7 @@ def generate(job, out, overrides, restart):
     with rd.lock("generate"):
         if restart:
             rd.restart(("generate",), _log)
-        stats = pipeline.generate(cfg, rd, _log)
+        stats = pipeline.generate(cfg, rd, _log, retry_failed)
     click.echo(f"kept {stats['kept']} of {stats['inputs']} inputs; run directory: {rd.root}")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -192,6 +193,36 @@ def engine_env(cfg: EngineConfig) -> dict[str, str]:
     return env
 
 
+def drop_failed(out_dir: Path, label: str = "system2") -> int:
+    """--retry-failed: take the inputs recorded as failed out of their parts, so that they
+    count as not generated. Each part is rewritten whole and renamed onto itself (atomic:
+    a crash leaves either the old or the new part, never both)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from s2d_ray.rundir import FILE_MODE, fsync_dir
+
+    dropped = 0
+    column = f"{label}_failure"
+    for part in sorted(out_dir.glob("part-*.parquet")) if out_dir.is_dir() else []:
+        table = pq.read_table(part)
+        if column not in table.column_names:
+            continue
+        failed = pc.is_valid(table.column(column))
+        n = pc.sum(failed).as_py() or 0
+        if not n:
+            continue
+        tmp = part.with_name(f".{part.name}.tmp")
+        pq.write_table(table.filter(pc.invert(failed)), tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, part)
+        fsync_dir(out_dir)
+        dropped += n
+    return dropped
+
+
 def finished_ids(out_dir: Path) -> set[str]:
     table = read_parts(out_dir, columns=["id"])
     return set(table.column("id").to_pylist()) if table is not None else set()
@@ -240,14 +271,23 @@ def distill_rows(table: pa.Table) -> pa.Table:
 
 class PartWriter:
     """Writes generation parts on the driver's node (streaming mode), so generate/ fills
-    exactly as in the sequential mode while the trainer reads the same stream."""
+    exactly as in the sequential mode while the trainer reads the same stream.
+
+    Exactly once: Ray Data may retry the task that hands a block over (a lost node), so
+    rows whose id is already in generate/ are dropped (one actor, calls in order)."""
 
     def __init__(self, out_dir: str):
         self.out_dir = Path(out_dir)
+        self.written = finished_ids(self.out_dir)
 
     def write(self, table: pa.Table) -> int:
-        write_part(self.out_dir, _uniform(table))
-        return table.num_rows
+        import pyarrow.compute as pc
+
+        new = table.filter(pc.invert(pc.is_in(table.column("id"), pa.array(sorted(self.written), pa.string()))))
+        if new.num_rows:
+            write_part(self.out_dir, _uniform(new))
+            self.written.update(new.column("id").to_pylist())
+        return new.num_rows
 
 
 def _write_and_keep(block: pa.Table, writer) -> pa.Table:

@@ -22,7 +22,7 @@ import pyarrow as pa
 from s2d_ray.config import JobConfig, config_dict
 from s2d_ray.errors import S2DError
 from s2d_ray.evaluation import distillability, score_pass
-from s2d_ray.generation import Pass, distill_rows, finished_ids, load_results, run_passes
+from s2d_ray.generation import Pass, distill_rows, drop_failed, finished_ids, load_results, run_passes
 from s2d_ray.methods import METHODS, Program
 from s2d_ray.models import resolve_model
 from s2d_ray.placement import release_engine_groups
@@ -74,7 +74,7 @@ def _record(cfg: JobConfig, run: RunDir, stage: str, data: dict) -> None:
     )
 
 
-def generate(cfg: JobConfig, run: RunDir, log=print) -> dict:
+def generate(cfg: JobConfig, run: RunDir, log=print, retry_failed: bool = False) -> dict:
     from s2d_ray.cluster import ray_session
 
     model = resolve_model(cfg.model.name, cfg.model.path)
@@ -86,6 +86,8 @@ def generate(cfg: JobConfig, run: RunDir, log=print) -> dict:
     settings = _check_resumable(cfg, run, program)
     start_run(cfg, run)  # only now: a refused command leaves run.json as it was
     atomic_write_json(run.generate / SETTINGS, settings)
+    if retry_failed:
+        log(f"generate: --retry-failed: {drop_failed(run.generate)} input(s) recorded as failed will be generated again")
     log(f"generate: {len(examples)} inputs x {cfg.filter.samples} samples of {program.name} ({len(program.steps)} steps)")
     started = time.perf_counter()
     with ray_session(cfg):
@@ -427,7 +429,7 @@ def generate_and_train(cfg: JobConfig, run: RunDir, log=print) -> dict:
     return tstats
 
 
-def run_all(cfg: JobConfig, run: RunDir, log=print) -> dict:
+def run_all(cfg: JobConfig, run: RunDir, log=print, retry_failed: bool = False) -> dict:
     from s2d_ray.cluster import ray_session
 
     started = time.perf_counter()
@@ -436,7 +438,7 @@ def run_all(cfg: JobConfig, run: RunDir, log=print) -> dict:
             if cfg.train.streaming:
                 generate_and_train(cfg, run, log)
             else:
-                generate(cfg, run, log)
+                generate(cfg, run, log, retry_failed)
                 train(cfg, run, log)
         except EmptyDistillSet as err:
             # Still worth evaluating System 1 and System 2; the report says why there is no model.

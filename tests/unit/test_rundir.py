@@ -104,3 +104,24 @@ def test_replace_dir_keeps_the_old_result_until_the_new_one_is_whole(tmp_path):
     replace_dir(tmp, final)
     assert read_parts(final).column("id").to_pylist() == ["new"] and not tmp.exists()
     assert not list(tmp_path.glob(".distill.old-*"))
+
+
+def test_a_retried_streaming_write_adds_no_row_twice(tmp_path):
+    from s2d_ray.generation import PartWriter
+
+    block = pa.table({"id": ["a", "b"], "x": [1, 2]})
+    writer = PartWriter(str(tmp_path))
+    assert writer.write(block) == 2
+    assert writer.write(block) == 0  # the same block again: Ray Data retried the task
+    assert PartWriter(str(tmp_path)).write(pa.table({"id": ["b", "c"], "x": [2, 3]})) == 1  # a new writer knows too
+    assert sorted(read_parts(tmp_path).column("id").to_pylist()) == ["a", "b", "c"]
+
+
+def test_retry_failed_takes_failed_inputs_out_of_their_part(tmp_path):
+    from s2d_ray.generation import drop_failed, finished_ids
+
+    part = write_part(tmp_path, pa.table({"id": ["a", "b", "c"], "system2_failure": [None, "respond: prompt of 900 tokens", None]}))
+    write_part(tmp_path, pa.table({"id": ["d"], "system2_failure": pa.array([None], pa.string())}))
+    assert drop_failed(tmp_path) == 1
+    assert finished_ids(tmp_path) == {"a", "c", "d"} and part.exists()  # rewritten in place
+    assert drop_failed(tmp_path) == 0 and not list(tmp_path.glob(".*"))
