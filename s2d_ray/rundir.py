@@ -181,6 +181,9 @@ class RunDir:
             except BlockingIOError:
                 holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
                 raise RunDirInUse(f"{self.root} is in use by {holder}; wait for it to end or use another --out") from None
+            except OSError as err:  # a shared filesystem mounted without lock support (Lustre without -o flock)
+                print(f"warning: {self.root}: no file locks on this filesystem ({err.strerror}); "
+                      "nothing stops a second s2d process on this run directory", flush=True)  # fmt: skip
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
             info = f"`s2d {command}` (pid {os.getpid()} on {socket.gethostname()}, since {since})".encode()
             os.ftruncate(fd, 0)

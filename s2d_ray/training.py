@@ -233,6 +233,8 @@ def train_loop(config: dict) -> None:
         # stream skips the micro-batches the checkpointed steps had consumed.
         with resumed.as_directory() as folder:
             state = json.loads((Path(folder) / TRAIN_STATE).read_text())
+            if state.get("final"):  # a rank died after the export was reported: nothing left to do
+                return
             loaded, _ = engine.load_checkpoint(
                 folder, tag=ZERO_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
             )  # fmt: skip
@@ -496,7 +498,8 @@ def local_process_group(backend: str, rank: int = 0, world_size: int = 1, port: 
 
 
 def train(
-    distill_dir: Path, model_path: Path, out_dir: Path, storage: Path, cfg: TrainConfig, log=print, attempt: str | None = None
+    distill_dir: Path, model_path: Path, out_dir: Path, storage: Path, cfg: TrainConfig, log=print,
+    attempt: str | None = None, trained_from: dict | None = None,
 ) -> dict:
     """Fine-tune on the distillation set; writes a Hugging Face checkpoint to `out_dir`.
 
@@ -520,7 +523,8 @@ def train(
     every = checkpoint_interval(cfg, steps)
     log(f"training: {rows} rows, {steps} steps, {cfg.workers} workers, ZeRO-3"
         + (f", a checkpoint every {every} steps" if every else ""))  # fmt: skip
-    return fit(ds, rows, steps, model_path, out_dir, storage, cfg, stream=False, attempt=attempt, log=log)
+    return fit(ds, rows, steps, model_path, out_dir, storage, cfg, stream=False, attempt=attempt, log=log,
+               trained_from=trained_from)  # fmt: skip
 
 
 def train_stream(ds, model_path: Path, out_dir: Path, storage: Path, cfg: TrainConfig, log=print) -> dict:
@@ -532,16 +536,50 @@ def train_stream(ds, model_path: Path, out_dir: Path, storage: Path, cfg: TrainC
     return fit(ds, None, cfg.steps, model_path, out_dir, storage, cfg, stream=True, attempt=None, log=log)
 
 
+TRAINED_FROM = ".s2d-trained-from.json"  # in model/: the inputs it was trained from (pipeline.py)
+READY = "export-ready"  # in an attempt's storage: the export, moved out of Ray Train's records
+
+
+def complete_export(folder: Path) -> bool:
+    """An exported model whose every file is whole: config.json, and each safetensors file
+    (all those the index names) as long as its own header says (an upload cut short is not)."""
+    if not (folder / "config.json").is_file():
+        return False
+    index = folder / "model.safetensors.index.json"
+    try:
+        names = set(json.loads(index.read_text())["weight_map"].values()) if index.exists() else {"model.safetensors"}
+        for name in names:
+            path = folder / name
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if path.stat().st_size != 8 + size + end:
+                return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
 def finished_export(attempt_dir: Path) -> Path | None:
     """The exported model of an attempt whose training ended but whose driver did not get
-    to move it into place (killed in between), if there is one."""
-    done = [p.parent for p in attempt_dir.glob(f"checkpoint_*/{TRAIN_STATE}") if json.loads(p.read_text()).get("final")]
+    to move it into place (killed in between), if there is a whole one."""
+    if complete_export(attempt_dir / READY):
+        return attempt_dir / READY
+    done = []
+    for state in attempt_dir.glob(f"checkpoint_*/{TRAIN_STATE}"):
+        try:
+            final = json.loads(state.read_text()).get("final")
+        except (OSError, ValueError):
+            continue
+        if final and complete_export(state.parent):
+            done.append(state.parent)
     return max(done, key=lambda p: p.name) if done else None
 
 
 def fit(
     ds, rows: int | None, steps: int, model_path: Path, out_dir: Path, storage: Path, cfg: TrainConfig, stream: bool,
-    attempt: str | None, log=print,
+    attempt: str | None, log=print, trained_from: dict | None = None,
 ) -> dict:
     """Run the Ray Train worker group over `ds` and move its exported model into `out_dir`."""
     import uuid
@@ -554,18 +592,25 @@ def fit(
         if other.is_dir() and other.name != name:
             shutil.rmtree(other, ignore_errors=True)
     started = time.perf_counter()
-    exported = finished_export(storage / name)
+    attempt_dir = storage / name
+    exported = finished_export(attempt_dir)
     if exported is not None:
         log(f"training: this attempt had already finished ({storage.name}/{name}); using its exported model")
         metrics = json.loads((exported / TRAIN_STATE).read_text())
     else:
         exported, metrics = _run_trainer(ds, steps, model_path, storage, cfg, stream, name)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    os.rmdir(tmp)
-    shutil.move(str(exported), str(tmp))  # a rename on one filesystem: the model is stored once
-    (tmp / TRAIN_STATE).unlink(missing_ok=True)
-    replace_dir(tmp, out_dir)
-    shutil.rmtree(storage / name, ignore_errors=True)  # its ZeRO-3 checkpoints are spent
+    ready = attempt_dir / READY
+    if exported != ready:
+        # Ray Train's record of this attempt lists the export: once it is moved, a rerun
+        # must not reload that record (it would name a missing checkpoint), so it goes first.
+        (attempt_dir / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)
+        shutil.move(str(exported), str(ready))  # a rename on one filesystem: stored once
+    (ready / TRAIN_STATE).write_text(json.dumps(metrics))  # found again if killed below
+    if trained_from is not None:
+        (ready / TRAINED_FROM).write_text(json.dumps(trained_from))
+    replace_dir(ready, out_dir)  # killed before it: the rerun finds `ready` again
+    (out_dir / TRAIN_STATE).unlink(missing_ok=True)
+    shutil.rmtree(attempt_dir, ignore_errors=True)  # its ZeRO-3 checkpoints are spent
     return {
         "rows": rows,
         "steps": metrics.get("step", steps),

@@ -125,3 +125,31 @@ def test_retry_failed_takes_failed_inputs_out_of_their_part(tmp_path):
     assert drop_failed(tmp_path) == 1
     assert finished_ids(tmp_path) == {"a", "c", "d"} and part.exists()  # rewritten in place
     assert drop_failed(tmp_path) == 0 and not list(tmp_path.glob(".*"))
+
+
+def test_retry_failed_also_takes_inputs_whose_swapped_pass_failed(tmp_path):
+    from s2d_ray.generation import drop_failed, finished_ids
+
+    write_part(tmp_path, pa.table({
+        "id": ["a", "b"], "system2_failure": pa.array([None, None], pa.string()),
+        "system2_swapped_failure": [None, "merge: prompt of 5000 tokens"],
+    }))  # fmt: skip
+    assert drop_failed(tmp_path) == 1 and finished_ids(tmp_path) == {"a"}
+
+
+def test_a_finished_export_counts_only_when_every_shard_is_whole(tmp_path):
+    import torch
+
+    from s2d_ray.training import TRAIN_STATE, _ShardWriter, finished_export
+
+    folder = tmp_path / "checkpoint_2026-01-01_00-00-00.000000"
+    folder.mkdir()
+    writer = _ShardWriter(folder, shard_bytes=64)
+    writer.add_module({"a": torch.zeros(16)})
+    writer.add_module({"b": torch.zeros(16)})
+    files = writer.close()
+    (folder / "config.json").write_text("{}")
+    (folder / TRAIN_STATE).write_text('{"final": true}')
+    assert finished_export(tmp_path) == folder
+    files[1].write_bytes(files[1].read_bytes()[:-8])  # an upload cut short
+    assert finished_export(tmp_path) is None
