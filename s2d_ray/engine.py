@@ -93,18 +93,21 @@ class Engine:
             top_p=top_p if temperature > 0 else 1.0,
             max_tokens=max_tokens,
         )
-        prompts = [chat_prompt(self.tokenizer, t) for t in user_texts]
-        # vLLM rejects a whole generate() call when one prompt does not fit the context;
-        # such a prompt is left out here and answered with an error of its own.
-        # Counted as vLLM will tokenize them (special tokens such as BOS included).
-        lengths = [len(self.tokenizer.encode(p, add_special_tokens=True)) for p in prompts]
-        fits = [i for i, n in enumerate(lengths) if n < self.max_model_len]
-        outputs = dict(zip(fits, self.llm.generate([prompts[i] for i in fits], params, use_tqdm=False))) if fits else {}
-        too_long = lambda n: Completion("", 0, f"prompt of {n} tokens does not fit engine.max_model_len {self.max_model_len}")  # noqa: E731
-        return [
-            [Completion(o.text, len(o.token_ids)) for o in outputs[i].outputs] if i in outputs else [too_long(lengths[i])] * n
-            for i in range(len(prompts))
-        ]
+        # Tokenized once, here, as vLLM would (special tokens such as BOS included), and handed
+        # over as token ids. vLLM rejects a whole generate() call when one prompt does not fit
+        # the context; such a prompt is left out and answered with an error of its own.
+        ids = [self.tokenizer.encode(chat_prompt(self.tokenizer, t), add_special_tokens=True) for t in user_texts]
+        fits = [i for i, prompt in enumerate(ids) if len(prompt) < self.max_model_len]
+        requests = [{"prompt_token_ids": ids[i]} for i in fits]
+        outputs = dict(zip(fits, self.llm.generate(requests, params, use_tqdm=False))) if fits else {}
+        out = []
+        for i, prompt in enumerate(ids):
+            if i in outputs:
+                out.append([Completion(o.text, len(o.token_ids)) for o in outputs[i].outputs])
+            else:
+                error = f"prompt of {len(prompt)} tokens does not fit engine.max_model_len {self.max_model_len}"
+                out.append([Completion("", 0, error)] * n)
+        return out
 
     def prompt_tokens(self, user_text: str) -> int:
         """Length of a chat-formatted prompt in tokens (to check it fits the context)."""

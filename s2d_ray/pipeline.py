@@ -237,13 +237,18 @@ def training_inputs(cfg: JobConfig, run: RunDir, model: Path) -> dict:
     digest = hashlib.sha256()
     for row in sorted(zip(*(table.column(c).to_pylist() for c in ("id", "prompt", "target")))) if table else []:
         digest.update(json.dumps(row).encode())
-    weights = sorted((p.name, p.stat().st_size) for p in Path(model).glob("*.safetensors"))
     config = Path(model) / "config.json"
     return {
         "distillation set": digest.hexdigest(),
         "train settings": {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in RUNTIME_ONLY},
-        "base model": {"path": str(model), "config": config.read_text() if config.exists() else None, "weights": weights},
+        "base model": {"path": str(model), "config": config.read_text() if config.exists() else None,
+                       "weights": weight_files(model)},
     }
+
+
+def weight_files(model: Path | str) -> list:
+    """A model folder's weights as (name, size, mtime): new weights at the same path differ."""
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(model).glob("*.safetensors"))
 
 
 def fingerprint(inputs: dict) -> str:
@@ -347,10 +352,9 @@ def _eval_pass(run: RunDir, name: str, examples, passes, model_path: str, common
     reuses them when the same model, prompts, settings and inputs produced them (an
     evaluation interrupted after System 1 and System 2 does not redo them); anything
     else evaluates afresh."""
-    weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(model_path).glob("*.safetensors"))
     inputs = hashlib.sha256(json.dumps(sorted((e.id, e.question, e.answer) for e in examples)).encode()).hexdigest()
     source = {
-        "model": model_id if model_id is not None else [model_path, weights],
+        "model": model_id if model_id is not None else [model_path, weight_files(model_path)],
         "passes": [[p.label, p.program.prompts(), p.max_tokens, p.perturbed] for p in passes],
         "inputs": inputs,
         "engine": [common["dtype"], common["engine"].max_model_len],

@@ -225,7 +225,7 @@ class RunDir:
                 log(f"repaired: {final.name}/ restored from an interrupted replace")
             else:
                 shutil.rmtree(old, ignore_errors=True)
-        leftovers = [*self.root.glob(".*.tmp"), *self.root.glob(".distill.*"), *self.root.glob(".model.*")]
+        leftovers = list(self.root.glob(".*.tmp"))  # run.json, eval.json, report.html, .distill.tmp
         for sub in (self.generate, self.distill, self.eval_dir):
             if sub.is_dir():
                 leftovers += [p for p in sub.iterdir() if p.name.startswith(".") and p.name != ".quarantine"]

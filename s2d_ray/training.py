@@ -396,7 +396,7 @@ class _ShardWriter:
         return [self.out_dir / n for n in names]
 
 
-def export_hf(engine, out_dir: Path | None, shard_bytes: int = 2 * 2**30) -> dict | None:
+def export_hf(engine, out_dir: Path | None, shard_bytes: int = 4 * 2**30) -> dict | None:
     """Write the ZeRO-3 model as a Hugging Face safetensors checkpoint without ever holding
     the whole model in one process: parameters are gathered one module at a time (on every
     rank: it is a collective) and rank 0 (`out_dir` given) copies them to host memory and
@@ -479,17 +479,21 @@ def set_data_parallel_timeout(world: int, seconds: float) -> None:
         groups._WORLD_GROUP = dist.new_group(ranks=list(range(world)), timeout=timedelta(seconds=seconds))
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def local_process_group(backend: str, rank: int = 0, world_size: int = 1, port: int | None = None) -> None:
     """torch.distributed without Ray Train (benchmarks, GPU tests): the environment
     DeepSpeed expects, then its own init."""
-    import socket
-
     import deepspeed
 
     if port is None and "MASTER_PORT" not in os.environ:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port) if port else os.environ["MASTER_PORT"],
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
@@ -622,6 +626,14 @@ def fit(
     }
 
 
+def _ray_logs_dir() -> str:
+    """Where this Ray session keeps its logs (the workers' tracebacks), as Ray itself says."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # no public API in Ray 2.60
+    return node.get_logs_dir_path() if node is not None else "the Ray session's logs folder"
+
+
 def _run_trainer(ds, steps: int, model_path: Path, storage: Path, cfg: TrainConfig, stream: bool, name: str):
     """Ray Train's fit; returns (the exported model's folder in storage, final metrics)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -666,7 +678,7 @@ def _run_trainer(ds, steps: int, model_path: Path, storage: Path, cfg: TrainConf
         resume = f"; the latest checkpoint is kept ({kept[-1].name}): rerun the same command to resume" if kept else ""
         raise S2DError(
             f"training failed after {cfg.max_failures} restart(s): {cause[-1] if cause else type(err).__name__}"
-            f"{resume} (full log: the Ray session's logs, /tmp/ray/session_latest/logs)"
+            f"{resume} (full log: {_ray_logs_dir()})"
         ) from None
     metrics = result.metrics or {}
     if result.checkpoint is None or not metrics.get("final"):

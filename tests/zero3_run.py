@@ -107,13 +107,11 @@ def main() -> None:
     if args.world == 1:
         run_rank(0, args)
         return
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        args.port = sock.getsockname()[1]
+    from s2d_ray.training import free_port
+
+    args.port = free_port()
     mp.spawn(run_rank, args=(args,), nprocs=args.world, join=True)
 
 
