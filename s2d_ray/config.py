@@ -105,6 +105,16 @@ class EngineConfig(Strict):
     # Inputs per map_batches call; one engine runs the whole program over the batch.
     batch_size: int = Field(16, ge=1)
     cpus_per_engine: float = Field(1.0, gt=0.0)
+    # vLLM's scheduler limits (None: vLLM's defaults for the device); the values the engine
+    # really used are logged when it starts.
+    max_num_seqs: int | None = Field(None, ge=1)
+    max_num_batched_tokens: int | None = Field(None, ge=16)
+    # An engine that makes no progress for this long while it has work is taken for dead:
+    # its actor exits, Ray starts another and the batch is redone. None: never.
+    stall_timeout_s: float | None = Field(600.0, ge=5.0)
+    # Engine deaths (vLLM's engine-dead error, CUDA errors, stalls) tolerated in one stage,
+    # all engines together; one more fails the stage with the last reason.
+    max_restarts: int = Field(3, ge=0)
 
     @model_validator(mode="after")
     def _check(self):

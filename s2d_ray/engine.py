@@ -7,7 +7,9 @@ touches this file and nothing else.
 from __future__ import annotations
 
 import gc
+import itertools
 import os
+import time
 from dataclasses import dataclass
 
 from s2d_ray.chat import chat_prompt
@@ -25,6 +27,26 @@ CPU_ENGINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 GPU_ENGINE_ENV = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+
+
+class EngineDead(RuntimeError):
+    """The engine can serve no more requests: vLLM's engine-dead error, a CUDA error, or
+    any error inside an engine step (it cannot be pinned on one input). Never retried
+    against the same engine: its actor exits and Ray starts another."""
+
+
+# Test hook (fault injection on the real engine): "stall" or "die", fired at the third
+# engine step; with ":<path>", fired once per machine (the file records that it fired).
+FAULT_ENV = "S2D_TEST_ENGINE_FAULT"
+
+
+def _reason(err: BaseException) -> str:
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    if isinstance(err, EngineDeadError):  # its own text points at a stack trace; the cause says more
+        cause = err.__cause__ or err.__context__
+        return "vLLM's engine core died" + (f" ({type(cause).__name__}: {cause})" if cause else "")
+    return f"{type(err).__name__}: {err}"
 
 
 @dataclass(frozen=True)
@@ -53,6 +75,10 @@ class Engine:
             enable_prefix_caching=True,
             trust_remote_code=False,
         )
+        if cfg.max_num_seqs is not None:
+            kwargs["max_num_seqs"] = cfg.max_num_seqs
+        if cfg.max_num_batched_tokens is not None:
+            kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
         if on_cpu:  # also behind fake GPUs (tests): one CPU process whatever the parallelism
             kwargs.update(kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30), distributed_executor_backend="uni")
         else:
@@ -68,6 +94,85 @@ class Engine:
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        sched = self.llm.llm_engine.vllm_config.scheduler_config
+        # What vLLM really used (its defaults depend on the device): logged by the caller.
+        self.limits = {"max_num_seqs": sched.max_num_seqs, "max_num_batched_tokens": sched.max_num_batched_tokens}
+        self._ids = itertools.count()
+        self._live: set[str] = set()
+        # Watched from outside (stall detection): when the engine last finished a step, and
+        # whether it has requests in flight.
+        self.last_progress = time.monotonic()
+        self._steps = 0
+        self._fault = os.environ.get(FAULT_ENV)
+
+    # Request level: `submit` queues one prompt, `step` runs one engine step and returns the
+    # requests it finished. The caller may submit more between steps (dataflow).
+    @property
+    def busy(self) -> bool:
+        return bool(self._live)
+
+    def encode(self, user_text: str) -> list[int]:
+        """Chat-formatted and tokenized once, here, as vLLM would (BOS included)."""
+        return self.tokenizer.encode(chat_prompt(self.tokenizer, user_text), add_special_tokens=True)
+
+    @staticmethod
+    def sampling(*, temperature: float, top_p: float, max_tokens: int, n: int = 1):
+        from vllm import SamplingParams
+
+        return SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_tokens)
+
+    def submit(self, prompt_ids: list[int], params) -> str:
+        """Queue one prompt; returns its request id. A prompt the engine rejects (vLLM's
+        ValueError: too long, bad parameters) raises ValueError and queues nothing."""
+        from vllm.sampling_params import RequestOutputKind
+
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit engine.max_model_len {self.max_model_len}")
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        rid = f"s2d-{next(self._ids)}"
+        if not self._live:
+            self.last_progress = time.monotonic()  # idle time is not a stall
+        try:
+            self.llm.llm_engine.add_request(rid, {"prompt_token_ids": prompt_ids}, params)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"engine rejected the prompt: {err}") from None
+        except Exception as err:  # noqa: BLE001 (classified: the engine itself failed)
+            raise EngineDead(_reason(err)) from err
+        self._live.add(rid)
+        return rid
+
+    def step(self) -> list[tuple[str, list[Completion]]]:
+        """One engine step; the requests it finished, each with its completions."""
+        try:
+            self._inject_fault()
+            outputs = self.llm.llm_engine.step()
+        except Exception as err:  # noqa: BLE001 (any error inside a step is the engine's)
+            raise EngineDead(_reason(err)) from err
+        self.last_progress = time.monotonic()
+        done = []
+        for o in outputs:
+            if o.finished and o.request_id in self._live:
+                self._live.discard(o.request_id)
+                done.append((o.request_id, [Completion(c.text, len(c.token_ids)) for c in o.outputs]))
+        return done
+
+    def _inject_fault(self) -> None:
+        self._steps += 1
+        if not self._fault or self._steps != 3:
+            return
+        kind, _, marker = self._fault.partition(":")
+        if marker:
+            try:
+                with open(marker, "x"):
+                    pass
+            except FileExistsError:
+                return
+        if kind == "stall":
+            while True:
+                time.sleep(3600)
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        raise EngineDeadError()
 
     def generate(
         self,
@@ -81,33 +186,22 @@ class Engine:
         """Chat-format each text, sample `n` completions for each, keep input order.
 
         Sampling is seeded once per engine (at construction): per-request seeds
-        crash the CPU backend ("CPU Generator does not use offset").
+        crash the CPU backend ("CPU Generator does not use offset"). A prompt the engine
+        rejects (one too long for the context, typically) is answered with an error of
+        its own instead of failing the others.
         """
-        from vllm import SamplingParams
-
-        if not user_texts:
-            return []
-        params = SamplingParams(
-            n=n,
-            temperature=temperature,
-            top_p=top_p if temperature > 0 else 1.0,
-            max_tokens=max_tokens,
-        )
-        # Tokenized once, here, as vLLM would (special tokens such as BOS included), and handed
-        # over as token ids. vLLM rejects a whole generate() call when one prompt does not fit
-        # the context; such a prompt is left out and answered with an error of its own.
-        ids = [self.tokenizer.encode(chat_prompt(self.tokenizer, t), add_special_tokens=True) for t in user_texts]
-        fits = [i for i, prompt in enumerate(ids) if len(prompt) < self.max_model_len]
-        requests = [{"prompt_token_ids": ids[i]} for i in fits]
-        outputs = dict(zip(fits, self.llm.generate(requests, params, use_tqdm=False))) if fits else {}
-        out = []
-        for i, prompt in enumerate(ids):
-            if i in outputs:
-                out.append([Completion(o.text, len(o.token_ids)) for o in outputs[i].outputs])
-            else:
-                error = f"prompt of {len(prompt)} tokens does not fit engine.max_model_len {self.max_model_len}"
-                out.append([Completion("", 0, error)] * n)
-        return out
+        params = dict(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+        out: list[list[Completion] | None] = [None] * len(user_texts)
+        waiting: dict[str, int] = {}
+        for i, text in enumerate(user_texts):
+            try:
+                waiting[self.submit(self.encode(text), self.sampling(**params))] = i
+            except ValueError as err:
+                out[i] = [Completion("", 0, str(err))] * n
+        while waiting:
+            for rid, completions in self.step():
+                out[waiting.pop(rid)] = completions
+        return out  # type: ignore[return-value]
 
     def prompt_tokens(self, user_text: str) -> int:
         """Length of a chat-formatted prompt in tokens (to check it fits the context)."""

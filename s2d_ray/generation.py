@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,8 @@ import pandas as pd
 import pyarrow as pa
 
 from s2d_ray.config import EngineConfig, FilterConfig
-from s2d_ray.engine import CPU_ENGINE_ENV, GPU_ENGINE_ENV
+from s2d_ray.engine import CPU_ENGINE_ENV, FAULT_ENV, GPU_ENGINE_ENV
+from s2d_ray.errors import S2DError
 from s2d_ray.filters import Vote, adaptive_vote, first_round, majority_vote, no_filter, swap_vote, usc_vote
 from s2d_ray.methods import Program
 from s2d_ray.placement import FAKE_GPUS_ENV, engine_remote_args, fake_gpus, release_engine_groups, runs_on_cpu
@@ -48,28 +51,130 @@ class Pass:
     adaptive: tuple[float, float | None, int] | None = None
 
 
-class GeneratorActor:
-    """Hosts one vLLM engine; runs whole multi-step programs on batches of inputs."""
+class EngineFailed(S2DError):
+    """Engines died more often than `engine.max_restarts` allows in one stage."""
 
-    def __init__(self, model_path: str, engine: EngineConfig, dtype: str, seed: int, task: Task, passes):
+
+class EngineHealth:
+    """One per generation stage, on the driver's node: counts engine deaths over every
+    actor of the pool and keeps the last reasons, so that a crash loop ends with one line."""
+
+    def __init__(self, max_restarts: int):
+        self.max_restarts = max_restarts
+        self.reasons: dict[str, str] = {}  # actor id -> why its last process died
+        self.deaths: list[str] = []
+
+    def dying(self, actor: str, reason: str) -> None:
+        self.reasons[actor] = reason
+
+    def restarted(self, actor: str, node: str) -> str | None:
+        """A process of `actor` died and Ray started another: counted. Returns the line to
+        fail with when that exceeds the budget."""
+        reason = self.reasons.pop(actor, "its process died without a word (killed, out of memory, a crash, "
+                                           "or its node was lost; see the actor's log)")  # fmt: skip
+        self.deaths.append(f"{reason} (node {node[:8]})")
+        return self.failure()
+
+    def restarts(self) -> list[str]:
+        return list(self.deaths)
+
+    def failure(self) -> str | None:
+        if len(self.deaths) <= self.max_restarts:
+            return None
+        return (f"engine died {len(self.deaths)} times in this stage (engine.max_restarts {self.max_restarts}); "
+                f"last: {self.deaths[-1]}")  # fmt: skip
+
+
+def engine_health(engine: EngineConfig):
+    """The stage's EngineHealth, on the driver's node (it must outlive any engine node)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(EngineHealth).options(num_cpus=0, scheduling_strategy=here).remote(engine.max_restarts)
+
+
+def engine_failure(health) -> str | None:
+    """The stage's engine-death line, if the pool's deaths exceeded the budget."""
+    import ray
+
+    try:
+        return ray.get(health.failure.remote(), timeout=30)
+    except Exception:  # noqa: BLE001 (the original error is raised instead)
+        return None
+
+
+class GeneratorActor:
+    """Hosts one vLLM engine; runs whole multi-step programs on batches of inputs.
+
+    An engine that dies (EngineDead) or stalls (no step finished for
+    `engine.stall_timeout_s` while it has work) is never used again: the actor's process
+    exits, Ray starts the actor again (on the same or another node) and retries its batch.
+    Every restart is counted by the stage's `EngineHealth`; past `engine.max_restarts` the
+    restarted actor refuses to start and the stage fails with that line."""
+
+    def __init__(self, model_path: str, engine: EngineConfig, dtype: str, seed: int, task: Task, passes, health=None):
         import ray
 
         from s2d_ray.engine import Engine
         from s2d_ray.placement import pin_assigned_gpus
 
+        context = ray.get_runtime_context()
+        self.node = context.get_node_id()
+        self.actor = context.get_actor_id() or "driver"
+        self.health = health
+        with warnings.catch_warnings():  # Ray's own use of a deprecated accessor
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = context.was_current_actor_reconstructed
+        if health is not None and restarted:
+            try:
+                failure = ray.get(health.restarted.remote(self.actor, self.node), timeout=60)
+            except Exception as err:  # noqa: BLE001 (counting must never stop an engine)
+                print(f"engine on node {self.node[:8]}: restart not counted ({type(err).__name__})", flush=True)
+                failure = None
+            if failure:
+                raise EngineFailed(failure)
         pin_assigned_gpus()
-        self.node = ray.get_runtime_context().get_node_id()
         if not runs_on_cpu(engine.device):
             _before_gpu_engine(engine)
         self.engine = Engine(model_path, engine, dtype=dtype, seed=seed)
+        limits = ", ".join(f"{k} {v}" for k, v in self.engine.limits.items())
+        print(f"engine on node {self.node[:8]}: vLLM uses {limits}", flush=True)
         self.max_model_len = engine.max_model_len
         self.task = task
         self.passes = passes
+        if engine.stall_timeout_s is not None:
+            threading.Thread(target=self._watch, args=(engine.stall_timeout_s,), daemon=True).start()
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        out = run_batch(self.engine, self.task, self.passes, batch, self.max_model_len)
+        from s2d_ray.engine import EngineDead
+
+        try:
+            out = run_batch(self.engine, self.task, self.passes, batch, self.max_model_len)
+        except EngineDead as err:
+            self._exit(f"engine dead: {err}")
         out["engine_node"] = self.node  # where each row was generated (elastic runs, debugging)
         return out
+
+    def _watch(self, timeout: float) -> None:
+        while True:
+            time.sleep(min(5.0, timeout / 4))
+            idle = time.monotonic() - self.engine.last_progress
+            if self.engine.busy and idle > timeout:
+                self._exit(f"engine stalled: no step finished for {idle:.0f} s (engine.stall_timeout_s {timeout:g})")
+
+    def _exit(self, reason: str) -> None:
+        """Leave for good: Ray restarts this actor in a fresh process and retries the batch."""
+        import ray
+
+        print(f"engine on node {self.node[:8]}: {reason}; the actor exits, Ray restarts it and its batch is redone",
+              flush=True)  # fmt: skip
+        if self.health is not None:
+            try:
+                ray.get(self.health.dying.remote(self.actor, reason), timeout=30)
+            except Exception:  # noqa: BLE001 (the restart is counted all the same)
+                pass
+        os._exit(1)
 
     def __del__(self):
         engine = getattr(self, "engine", None)
@@ -190,6 +295,8 @@ def engine_env(cfg: EngineConfig) -> dict[str, str]:
         env["OMP_NUM_THREADS"] = str(max(1, int(cfg.cpus_per_engine)))
     if fake_gpus():
         env[FAKE_GPUS_ENV] = "1"
+    if os.environ.get(FAULT_ENV):
+        env[FAULT_ENV] = os.environ[FAULT_ENV]
     return env
 
 
@@ -238,8 +345,9 @@ def _rows(examples: list[Example]) -> list[dict]:
 
 
 def generation_dataset(todo: list[Example], passes: list[Pass], *, task: Task, model_path, engine: EngineConfig,
-                       dtype: str, seed: int, vote: dict | None = None, tag: str = ""):  # fmt: skip
-    """The lazy Ray Data pipeline: inputs -> GeneratorActor pool (autoscaling min..max) -> vote."""
+                       dtype: str, seed: int, vote: dict | None = None, tag: str = "", health=None):  # fmt: skip
+    """The lazy Ray Data pipeline: inputs -> GeneratorActor pool (autoscaling min..max) -> vote.
+    `health` (an EngineHealth actor) counts the pool's engine deaths."""
     import ray
 
     lo, hi = engine.concurrency
@@ -247,7 +355,7 @@ def generation_dataset(todo: list[Example], passes: list[Pass], *, task: Task, m
     ds = ds.map_batches(
         GeneratorActor,
         fn_constructor_kwargs=dict(
-            model_path=str(model_path), engine=engine, dtype=dtype, seed=seed, task=task, passes=passes
+            model_path=str(model_path), engine=engine, dtype=dtype, seed=seed, task=task, passes=passes, health=health
         ),
         batch_size=engine.batch_size,
         batch_format="pandas",
@@ -349,14 +457,17 @@ def run_passes(
         log(f"resuming: {len(done)} inputs already in {out_dir.name}/, {len(todo)} to generate")
     started = time.perf_counter()
     written = 0
+    restarts: list[str] = []
     token_columns = [f"{p.label}_tokens" for p in passes]
     spent = _tokens(read_parts(out_dir, columns=token_columns), token_columns) if done else 0
     stopped = budget(spent, 0.0) if budget and todo else None
     if todo and not stopped:
         tag = uuid.uuid4().hex[:8]
+        health = engine_health(engine)
         ds = generation_dataset(
-            todo, passes, task=task, model_path=model_path, engine=engine, dtype=dtype, seed=seed, vote=vote, tag=tag
-        )
+            todo, passes, task=task, model_path=model_path, engine=engine, dtype=dtype, seed=seed, vote=vote, tag=tag,
+            health=health,
+        )  # fmt: skip
         try:
             for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 if block.num_rows:
@@ -365,14 +476,22 @@ def run_passes(
                     spent += _tokens(block, token_columns)
                 if budget and (stopped := budget(spent, time.perf_counter() - started)):
                     break  # closing the stream shuts the pipeline and its engines down
+        except Exception as err:
+            failure = engine_failure(health)
+            if failure:
+                raise EngineFailed(f"{failure}; {written} inputs written this time are kept") from err
+            raise
         finally:
             if engine.gpus_per_engine > 1:
                 release_engine_groups(tag)
+        restarts = ray.get(health.restarts.remote())
+        if restarts:
+            log(f"generate: {len(restarts)} engine restart(s), batches redone; last: {restarts[-1]}")
     if stopped:
         log(f"budget: {stopped}; stopped with {len(done) + written} of {len(examples)} inputs generated")
     return {
         "generated": written, "skipped": len(done), "seconds": time.perf_counter() - started,
-        "tokens": spent, "budget_stop": stopped,
+        "tokens": spent, "budget_stop": stopped, "engine_restarts": restarts,
     }  # fmt: skip
 
 

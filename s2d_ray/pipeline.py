@@ -96,7 +96,7 @@ def generate(cfg: JobConfig, run: RunDir, log=print, retry_failed: bool = False)
             dtype=cfg.model.dtype, seed=s.seed, out_dir=run.generate, vote=vote, log=log,
             budget=_budget(cfg, run),
         )  # fmt: skip
-    extra = {"generated_now": did["generated"], "resumed": did["skipped"]}
+    extra = {"generated_now": did["generated"], "resumed": did["skipped"], "engine_restarts": len(did["engine_restarts"])}
     return _finish_generation(cfg, run, examples, passes, started, log, budget_stop=did["budget_stop"], **extra)
 
 
@@ -388,7 +388,9 @@ def generate_and_train(cfg: JobConfig, run: RunDir, log=print) -> dict:
     every voted block also lands in generate/ as in the sequential mode."""
     from s2d_ray import training
     from s2d_ray.cluster import ray_session
-    from s2d_ray.generation import distillation_stream
+    import ray
+
+    from s2d_ray.generation import EngineFailed, distillation_stream, engine_failure, engine_health
 
     model = resolve_model(cfg.model.name, cfg.model.path)
     examples = cfg.task.examples("train")
@@ -406,10 +408,11 @@ def generate_and_train(cfg: JobConfig, run: RunDir, log=print) -> dict:
     started = time.perf_counter()
     tag = uuid.uuid4().hex[:8]
     with ray_session(cfg):
+        health = engine_health(cfg.engine)
         stream = distillation_stream(
             todo, passes, run.generate, distill_rows(earlier) if earlier is not None else None, tag,
             task=cfg.task, model_path=str(model), engine=cfg.engine, dtype=cfg.model.dtype, seed=cfg.sampling.seed,
-            vote={"label": "system2", "filt": cfg.filter},
+            vote={"label": "system2", "filt": cfg.filter}, health=health,
         )  # fmt: skip
         empty = None
         try:
@@ -418,6 +421,11 @@ def generate_and_train(cfg: JobConfig, run: RunDir, log=print) -> dict:
             if run.model.exists():
                 shutil.rmtree(run.model)
             empty = err
+        except Exception as err:
+            failure = engine_failure(health)
+            if failure:  # the generation side of the stream failed, not the trainer
+                raise EngineFailed(f"{failure}; the parts in generate/ are kept") from err
+            raise
         finally:
             release_engine_groups(tag)  # the stream's engines are done; free their GPUs
         seconds = time.perf_counter() - started
@@ -429,7 +437,9 @@ def generate_and_train(cfg: JobConfig, run: RunDir, log=print) -> dict:
                 left, passes, task=cfg.task, model_path=str(model), engine=cfg.engine, dtype=cfg.model.dtype,
                 seed=cfg.sampling.seed, out_dir=run.generate, vote={"label": "system2", "filt": cfg.filter}, log=log,
             )  # fmt: skip
-        _finish_generation(cfg, run, examples, passes, started, log, streaming=True, generated_now=len(todo), resumed=len(done))
+        restarts = len(ray.get(health.restarts.remote()))
+        _finish_generation(cfg, run, examples, passes, started, log, streaming=True, generated_now=len(todo),
+                           resumed=len(done), engine_restarts=restarts)  # fmt: skip
     if empty is not None:
         raise empty
     tstats["seconds"] = seconds

@@ -127,6 +127,11 @@ def render(run: RunDir) -> str:
                 f"({100 * gen.get('samples_drawn', 0) / gen['samples_budget']:.0f}%"
                 + (", adaptive voting" if f.get("adaptive") else "") + ").</p>"
             )
+        if gen.get("failed"):
+            why = ", ".join(f"{k}: {v}" for k, v in sorted(gen.get("failure_reasons", {}).items()))
+            filt += f'<p class="note">{gen["failed"]} input(s) failed and were left out ({html.escape(why)}).</p>'
+        if gen.get("engine_restarts"):
+            filt += f'<p class="note">Engines were restarted {gen["engine_restarts"]} time(s); their batches were redone.</p>'
         if gen.get("budget_stop"):
             filt += f'<p class="note">Generation stopped early: {html.escape(gen["budget_stop"])}.</p>'
         if gen.get("usc_selection"):

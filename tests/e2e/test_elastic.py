@@ -15,7 +15,9 @@ from s2d_ray.rundir import RunDir
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.e2e
-INPUTS = 48
+# Enough work that the first engine alone cannot finish it while the second one starts
+# (about 45 s on 2 cores): the node that leaves must leave mid-run.
+INPUTS = 96
 
 
 def _engine_nodes(run: RunDir) -> set[str]:
@@ -64,6 +66,7 @@ def test_generation_grows_with_a_new_node_and_survives_one_leaving(tmp_path, mon
         # The first node leaves mid-run (its engine is busy); a spare node takes its place.
         spare = cluster.add_node(num_cpus=1, num_gpus=1)
         before = len(list(run.generate.glob("part-*.parquet")))
+        assert worker.is_alive() and before < INPUTS // 2, f"all {before} parts were done before the node could leave"
         cluster.remove_node(first, allow_graceful=False)
         worker.join(timeout=900)
         assert not worker.is_alive(), "generation did not finish after a node left"

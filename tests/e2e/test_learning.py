@@ -1,17 +1,20 @@
 """Proof that training, export and reload work: fine-tuning on correct (prompt -> answer)
 pairs makes the distilled model reproduce them, where the base model does not.
 
-The same run proves that training survives a dead rank: one trainer worker is killed
-with SIGKILL mid-run; Ray Train restarts the group from the last checkpoint within the
-same command, and no step before that checkpoint is trained again. Reruns of a finished
-stage are no-ops."""
+The same run proves that training survives faults: one trainer worker is killed with
+SIGKILL mid-run (Ray Train restarts the group from the last checkpoint within the same
+command, and no step before that checkpoint is trained again); then the driver itself is
+killed, and the rerun goes on from the latest checkpoint. Reruns of a finished stage are
+no-ops. Evaluation killed mid-way is completed by the rerun, with no temp files left."""
 
 import json
 import os
 import re
 import signal
 import subprocess
+import threading
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -26,7 +29,7 @@ PAIRS = 10
 STEPS = 8
 
 
-def test_training_survives_a_dead_rank_and_teaches_the_model_its_targets(tmp_path, local_job):
+def test_training_survives_a_dead_rank_and_a_dead_driver_and_teaches_the_model_its_targets(tmp_path, local_job):
     cfg = load_config(local_job, ["task.words_per_example=2", f"task.train={PAIRS}"])
     examples = cfg.task.examples("train")
     run = RunDir(tmp_path).create()
@@ -44,33 +47,83 @@ def test_training_survives_a_dead_rank_and_teaches_the_model_its_targets(tmp_pat
         f"task.train={PAIRS}", f"train.steps={STEPS}", "train.lr=3e-4", "train.warmup_steps=2", "train.micro_batch_size=5",
         "train.checkpoint_every=2", "eval.split=train", "eval.system2=false",
     )  # fmt: skip
-    trainer = subprocess.Popen(
-        [*S2D, "train", str(local_job), "--out", str(tmp_path), *settings], cwd=ROOT, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    lines, killed = [], None
-    deadline = time.time() + 1200
-    for line in trainer.stdout:
-        lines.append(line)
-        step = re.search(r"RayTrainWorker pid=(\d+)\).*?train step (\d+)/", line)
-        if killed is None and step and int(step.group(2)) == 3:  # after the checkpoint of step 2
-            killed = int(step.group(1))
-            os.kill(killed, signal.SIGKILL)  # the rank that prints: rank 0
-        assert time.time() < deadline, "training did not finish in time"
-    assert trainer.wait() == 0, "".join(lines[-40:])
-    log = "".join(lines)
-    assert killed is not None, "no step 3 was seen to kill a worker at\n" + log[-3000:]
-    assert "resumed from the checkpoint of step 2 of 8" in log, log[-3000:]
+    cmd = [str(local_job), "--out", str(tmp_path), *settings]
+    trainer = _Command("train", cmd)
+    rank0 = trainer.wait_for(r"RayTrainWorker pid=(\d+)\).*?train step 3/")  # after the checkpoint of step 2
+    os.kill(int(rank0.group(1)), signal.SIGKILL)  # the rank that prints: rank 0
+    trainer.wait_for(r"resumed from the checkpoint of step 2 of 8")
+    trainer.wait_for(r"resumed from the checkpoint[\s\S]*train step 6/8")  # the step-4 checkpoint is complete
+    trainer.kill()  # now the driver itself: the command is gone, Ray with it
+    log = trainer.log
     after = [int(s) for s in re.findall(r"train step (\d+)/8", log.split("resumed from the checkpoint")[-1])]
-    assert min(after) == 3 and max(after) == 8, after  # nothing before the checkpoint was trained again
+    assert min(after) == 3, after  # within the command: nothing before the checkpoint was trained again
+    assert not (tmp_path / "model").exists()
+
+    rerun = s2d("train", *cmd)  # a new command on the same inputs goes on from the latest checkpoint
+    log = rerun.stdout + rerun.stderr
+    resumed = re.search(r"resumed from the checkpoint of step (\d+) of 8", log)
+    assert resumed and int(resumed.group(1)) in (4, 6), log[-3000:]
+    after = [int(s) for s in re.findall(r"train step (\d+)/8", log)]
+    assert min(after) == int(resumed.group(1)) + 1 and max(after) == 8, after
     assert not list((tmp_path / "ray_train").glob("*/checkpoint_*"))  # spent checkpoints removed
     assert (tmp_path / "model" / "config.json").exists() and not (tmp_path / "model" / "s2d_train_state.json").exists()
 
-    again = s2d("train", str(local_job), "--out", str(tmp_path), *settings)  # same inputs: nothing to do
+    again = s2d("train", *cmd)  # same inputs: nothing to do
     assert "already trained from this distillation set" in again.stderr
 
-    s2d("eval", str(local_job), "--out", str(tmp_path), *settings)
+    # Evaluation killed while the distilled model is being evaluated; the rerun completes,
+    # reuses the base model's finished evaluation and leaves no temp files behind.
+    evaluation = _Command("eval", cmd)
+    evaluation.wait_for(r"eval: distilled model")
+    evaluation.wait_until(lambda: list((tmp_path / "eval").glob(".distilled.*")), "the distilled pass's temp folder")
+    evaluation.kill()
+    rerun = s2d("eval", *cmd)
+    assert "reusing eval/base/" in rerun.stdout + rerun.stderr
+    assert not [p.name for p in (tmp_path / "eval").iterdir() if p.name.startswith(".")]
+    assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob(".*.old-*"))
     ev = json.loads((tmp_path / "eval.json").read_text())
     assert ev["distilled"]["n"] == PAIRS
     assert ev["system1"]["accuracy"] < 0.10, ev["system1"]
     assert ev["distilled"]["accuracy"] >= 0.90, ev["distilled"]
+
+
+class _Command:
+    """An `s2d` command in the background, its output collected as it comes."""
+
+    def __init__(self, command: str, args: list[str]):
+        self.proc = subprocess.Popen(
+            [*S2D, command, *args], cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
+
+    @property
+    def log(self) -> str:
+        return "".join(list(self.lines))
+
+    def wait_until(self, condition, what: str, timeout: float = 900):
+        deadline = time.time() + timeout
+        while not (found := condition()):
+            assert self.proc.poll() is None, f"exited ({self.proc.returncode}) before {what}\n{self.log[-3000:]}"
+            assert time.time() < deadline, f"timed out waiting for {what}\n{self.log[-3000:]}"
+            time.sleep(0.2)
+        return found
+
+    def wait_for(self, pattern: str) -> re.Match:
+        return self.wait_until(lambda: re.search(pattern, self.log), repr(pattern))
+
+    def kill(self) -> None:
+        """SIGKILL the driver. Ray's reaper takes its cluster down, but two agents of the dead
+        raylet linger (~200 MB): those orphans are removed too."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=60)
+        time.sleep(5)
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                ppid = int(stat.read_text().rsplit(") ", 1)[1].split()[1])
+                cmd = (stat.parent / "cmdline").read_bytes()
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == 1 and cmd.startswith((b"ray::DashboardAgent", b"ray::RuntimeEnvAgent")):
+                os.kill(int(stat.parent.name), signal.SIGKILL)

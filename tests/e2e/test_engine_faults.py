@@ -1,0 +1,68 @@
+"""Engines that die or stall mid-batch, on the real vLLM engine: their actor leaves, Ray
+starts another, the batch is redone and every input lands exactly once; a crash loop
+ends after engine.max_restarts with one line.
+
+Faults are injected into the real engine through S2D_TEST_ENGINE_FAULT (engine.py): a
+step that never returns ("stall") or vLLM's own engine-dead error ("die"). The third
+kind is real: the test kills the engine's process with SIGKILL."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import ROOT, S2D, overrides, s2d
+
+pytestmark = pytest.mark.e2e
+INPUTS = 16
+
+
+def _settings(*extra: str) -> list[str]:
+    return overrides(f"task.train={INPUTS}", "engine.batch_size=4", "filter.samples=4", "sampling.max_tokens=24", *extra)
+
+
+def test_a_stalled_and_a_killed_engine_are_replaced_and_every_input_lands_once(tmp_path, local_job):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "S2D_TEST_ENGINE_FAULT": f"stall:{tmp_path / 'stalled-once'}"}
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*S2D, "generate", str(local_job), "--out", str(out), *_settings("engine.stall_timeout_s=5")],
+        cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    killed = None
+    deadline = time.time() + 900
+    while proc.poll() is None:
+        assert time.time() < deadline, "generation did not finish\n" + "".join(lines[-40:])
+        started = [m for line in list(lines) if (m := re.search(r"pid=(\d+)\).*engine on node \w+: vLLM uses", line))]
+        if killed is None and len(started) == 2:  # the engine that replaced the stalled one
+            time.sleep(2)  # now busy with a batch
+            killed = int(started[1].group(1))
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.5)
+    reader.join(timeout=30)
+    log = "".join(lines)
+    assert proc.returncode == 0, log[-4000:]
+    assert "engine stalled: no step finished for" in log, log[-4000:]
+    assert killed is not None, "the replacement engine was never seen starting\n" + log[-4000:]
+    ids = pq.read_table(out / "generate", columns=["id"]).column("id").to_pylist()
+    assert len(ids) == INPUTS and len(set(ids)) == INPUTS  # every input exactly once
+    stage = json.loads((out / "run.json").read_text())["stages"]["generate"]
+    assert stage["engine_restarts"] == 2 and stage["failed"] == 0, stage
+
+
+def test_an_engine_that_keeps_dying_fails_the_stage_with_one_line(tmp_path, local_job):
+    env = {**os.environ, "S2D_TEST_ENGINE_FAULT": "die"}
+    proc = s2d("generate", str(local_job), "--out", str(tmp_path), *_settings("engine.max_restarts=1"), check=False, env=env)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("s2d: error: engine died 2 times in this stage (engine.max_restarts 1)"), last
+    assert "vLLM's engine core died" in last, last
+    assert not list((tmp_path / "generate").glob("part-*.parquet"))  # nothing half-done was written
