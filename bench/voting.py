@@ -41,7 +41,7 @@ def main() -> None:
     from s2d_ray.config import load_config
     from s2d_ray.engine import CPU_ENGINE_ENV, Engine
     from s2d_ray.filters import adaptive_vote, first_round, majority_vote
-    from s2d_ray.methods.runner import run_program, run_rounds
+    from s2d_ray.methods.dataflow import PassRun, run_pass
     from s2d_ray.models import resolve_model
 
     sets = [f"filter.samples={args.samples}", f"sampling.temperature={args.temperature}", *args.overrides]
@@ -63,7 +63,7 @@ def main() -> None:
     rows = {}
 
     t = time.perf_counter()
-    fixed = run_program(engine, program, inputs, samples=n, **sampling)
+    fixed, _ = run_pass(engine, PassRun(program, n, sampling, n, 1, None, None), inputs)
     fixed_votes = [majority_vote(answers(r), cfg.filter.min_agreement) for r in fixed]
     rows["fixed"] = (fixed_votes, n * len(inputs), tokens(fixed), time.perf_counter() - t)
 
@@ -72,8 +72,8 @@ def main() -> None:
             return adaptive_vote(answers(samples), n, cfg.filter.min_agreement, c) is not None
 
         t = time.perf_counter()
-        results = run_rounds(engine, program, inputs, n_max=n, first=first_round(n, confidence),
-                             round_size=cfg.filter.round_size, decided=decided, **sampling)  # fmt: skip
+        rounds = PassRun(program, n, sampling, min(first_round(n, confidence), n), cfg.filter.round_size, decided, None)
+        results, _ = run_pass(engine, rounds, inputs)
         assert all(len(r) <= n for r in results), "adaptive voting drew more than N"
         votes = [adaptive_vote(answers(r), n, cfg.filter.min_agreement, confidence) or
                  majority_vote(answers(r), cfg.filter.min_agreement) for r in results]  # fmt: skip

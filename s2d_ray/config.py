@@ -102,8 +102,12 @@ class EngineConfig(Strict):
     enforce_eager: bool | None = None
     # Autoscaling pool of generator actors: (min, max) engines.
     concurrency: tuple[int, int] = (1, 1)
-    # Inputs per map_batches call; one engine runs the whole program over the batch.
+    # Inputs per map_batches call (at most: smaller when that gives every engine of the
+    # pool at least two batches); one engine runs the whole program over the batch.
     batch_size: int = Field(16, ge=1)
+    # Batches an engine works on at once: their requests share its queue, so one batch's
+    # tail of long sequences never leaves the engine idle.
+    batches_per_engine: int = Field(2, ge=1, le=16)
     cpus_per_engine: float = Field(1.0, gt=0.0)
     # vLLM's scheduler limits (None: vLLM's defaults for the device); the values the engine
     # really used are logged when it starts.

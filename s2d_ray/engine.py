@@ -58,6 +58,37 @@ class Completion:
     error: str | None = None
 
 
+def engine_kwargs(model_path: str, cfg: EngineConfig, dtype: str, seed: int) -> dict:
+    """`vllm.LLM`'s arguments for an engine of `cfg` (the benchmarks' plain engines use them too)."""
+    on_cpu = runs_on_cpu(cfg.device)
+    kwargs = dict(
+        model=model_path,
+        dtype=dtype,
+        seed=seed,
+        max_model_len=cfg.max_model_len,
+        enforce_eager=on_cpu if cfg.enforce_eager is None else cfg.enforce_eager,
+        enable_prefix_caching=True,
+        trust_remote_code=False,
+    )
+    if cfg.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = cfg.max_num_seqs
+    if cfg.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
+    if on_cpu:  # also behind fake GPUs (tests): one CPU process whatever the parallelism
+        kwargs.update(kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30), distributed_executor_backend="uni")
+    else:
+        kwargs.update(
+            tensor_parallel_size=cfg.tensor_parallel,
+            pipeline_parallel_size=cfg.pipeline_parallel,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            # Multi-GPU engines inside a Ray actor schedule their workers through Ray, in
+            # the placement group the actor was started in (vLLM records it in its
+            # ParallelConfig, so its engine-core process finds it too).
+            distributed_executor_backend="ray" if cfg.gpus_per_engine > 1 else "uni",
+        )
+    return kwargs
+
+
 class Engine:
     def __init__(self, model_path: str, cfg: EngineConfig, dtype: str = "bfloat16", seed: int = 0):
         on_cpu = runs_on_cpu(cfg.device)
@@ -66,31 +97,7 @@ class Engine:
             os.environ.setdefault(key, value)
         from vllm import LLM
 
-        kwargs = dict(
-            model=model_path,
-            dtype=dtype,
-            seed=seed,
-            max_model_len=cfg.max_model_len,
-            enforce_eager=on_cpu if cfg.enforce_eager is None else cfg.enforce_eager,
-            enable_prefix_caching=True,
-            trust_remote_code=False,
-        )
-        if cfg.max_num_seqs is not None:
-            kwargs["max_num_seqs"] = cfg.max_num_seqs
-        if cfg.max_num_batched_tokens is not None:
-            kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
-        if on_cpu:  # also behind fake GPUs (tests): one CPU process whatever the parallelism
-            kwargs.update(kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30), distributed_executor_backend="uni")
-        else:
-            kwargs.update(
-                tensor_parallel_size=cfg.tensor_parallel,
-                pipeline_parallel_size=cfg.pipeline_parallel,
-                gpu_memory_utilization=cfg.gpu_memory_utilization,
-                # Multi-GPU engines inside a Ray actor schedule their workers through Ray, in
-                # the placement group the actor was started in (vLLM records it in its
-                # ParallelConfig, so its engine-core process finds it too).
-                distributed_executor_backend="ray" if cfg.gpus_per_engine > 1 else "uni",
-            )
+        kwargs = engine_kwargs(model_path, cfg, dtype, seed)
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len

@@ -26,6 +26,7 @@ from s2d_ray.engine import CPU_ENGINE_ENV, FAULT_ENV, GPU_ENGINE_ENV
 from s2d_ray.errors import S2DError
 from s2d_ray.filters import Vote, adaptive_vote, first_round, majority_vote, no_filter, swap_vote, usc_vote
 from s2d_ray.methods import Program
+from s2d_ray.methods.dataflow import Flow
 from s2d_ray.placement import FAKE_GPUS_ENV, engine_remote_args, fake_gpus, release_engine_groups, runs_on_cpu
 from s2d_ray.rundir import read_parts, write_part
 from s2d_ray.tasks import Example, Task
@@ -143,18 +144,41 @@ class GeneratorActor:
         self.max_model_len = engine.max_model_len
         self.task = task
         self.passes = passes
+        # One thread turns the engine for every batch this actor holds (Ray Data hands it
+        # engine.batches_per_engine at once): a batch's tail never leaves the engine idle.
+        self.flow = Flow(self.engine)
+        self.active: set = set()
+        self.broken: BaseException | None = None
+        self.flow.start(on_error=self._flow_failed)
         if engine.stall_timeout_s is not None:
             threading.Thread(target=self._watch, args=(engine.stall_timeout_s,), daemon=True).start()
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from s2d_ray.engine import EngineDead
-
-        try:
-            out = run_batch(self.engine, self.task, self.passes, batch, self.max_model_len)
-        except EngineDead as err:
-            self._exit(f"engine dead: {err}")
+        out = run_batch(self.flow, self.task, self.passes, batch, self.max_model_len, wait=self._wait)
         out["engine_node"] = self.node  # where each row was generated (elastic runs, debugging)
         return out
+
+    def _wait(self, work) -> None:
+        if self.broken is not None:
+            raise self.broken
+        self.active.add(work)
+        try:
+            self.flow.add(work)
+            work.done.wait()
+        finally:
+            self.active.discard(work)
+        work.result()  # raises the flow's error, if it failed
+
+    def _flow_failed(self, err: BaseException) -> None:
+        from s2d_ray.engine import EngineDead
+
+        if isinstance(err, EngineDead):
+            self._exit(f"engine dead: {err}")
+        # Anything else is a bug of ours, not the engine's: every batch fails with it (Ray
+        # Data reports it), and so does every later one.
+        self.broken = err
+        for work in list(self.active):
+            work.fail(err)
 
     def _watch(self, timeout: float) -> None:
         while True:
@@ -201,31 +225,49 @@ def _before_gpu_engine(engine: EngineConfig) -> None:
                   flush=True)  # fmt: skip
 
 
-def run_batch(engine, task: Task, passes: list[Pass], batch: pd.DataFrame, max_model_len: int) -> pd.DataFrame:
-    """Every pass over one batch of input rows; adds the pass's columns."""
-    from s2d_ray.methods.runner import run_program, run_rounds, usc_select
+def pass_run(p: Pass, task: Task, max_model_len: int):
+    """What the dataflow needs of a pass: sampling, rounds and the adaptive stop, USC."""
+    from s2d_ray.methods.dataflow import PassRun
 
+    first, round_size, decided = p.samples, 1, None
+    if p.adaptive is not None:
+        min_agreement, confidence, round_size = p.adaptive
+        first = min(first_round(p.samples, confidence), p.samples)
+
+        def decided(samples) -> bool:
+            answers = [task.extract(s.final) for s in samples]
+            return adaptive_vote(answers, p.samples, min_agreement, confidence) is not None
+
+    return PassRun(
+        program=p.program, samples=p.samples, first=first, round_size=round_size, decided=decided,
+        sampling=dict(temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens),
+        usc=(p.usc_max_tokens, max_model_len, p.usc_fallback) if p.select == "usc" else None,
+    )  # fmt: skip
+
+
+def run_batch(flow, task: Task, passes: list[Pass], batch: pd.DataFrame, max_model_len: int, wait=None) -> pd.DataFrame:
+    """Every pass over one batch of input rows, all at once on `flow` (a `Flow`, or an
+    engine to make one for this batch); adds the pass's columns. `wait(run)`, if given,
+    hands the batch to a flow turned elsewhere and waits for it."""
+    from s2d_ray.methods.dataflow import BatchRun, Flow
+
+    if not isinstance(flow, Flow):
+        flow = Flow(flow)
     originals = [
         {"format": task.answer_format, **json.loads(f), "question": q} for f, q in zip(batch["fields"], batch["input"])
     ]
+    keys = list(batch["id"])
+    work = BatchRun(flow, [
+        (pass_run(p, task, max_model_len), [task.perturb(v) for v in originals] if p.perturbed else originals, keys)
+        for p in passes
+    ])  # fmt: skip
+    if wait is None:
+        flow.run(work)
+    else:
+        wait(work)
     out = batch.copy()
-    for p in passes:
-        started = time.perf_counter()
-        inputs = [task.perturb(v) for v in originals] if p.perturbed else originals
-        sampling = dict(temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens)
-        if p.adaptive is not None:
-            min_agreement, confidence, round_size = p.adaptive
-
-            def decided(samples) -> bool:
-                answers = [task.extract(s.final) for s in samples]
-                return adaptive_vote(answers, p.samples, min_agreement, confidence) is not None
-
-            results = run_rounds(
-                engine, p.program, inputs, n_max=p.samples, first=first_round(p.samples, confidence),
-                round_size=round_size, decided=decided, **sampling,
-            )  # fmt: skip
-        else:
-            results = run_program(engine, p.program, inputs, samples=p.samples, **sampling)
+    for k, p in enumerate(passes):
+        results, chosen, seconds = work.outputs(k)
         answers = [[task.extract(s.final) for s in samples] for samples in results]
         if p.perturbed:
             answers = [[task.unperturb(a) for a in row] for row in answers]
@@ -241,16 +283,13 @@ def run_batch(engine, task: Task, passes: list[Pass], batch: pd.DataFrame, max_m
             out[f"{p.label}_tokens_{step}"] = [sum(s.tokens[step] for s in samples) for samples in results]
         tokens = [sum(sum(s.tokens.values()) for s in samples) for samples in results]
         if p.select == "usc":
-            chosen = usc_select(
-                engine, list(batch["id"]), [v["question"] for v in inputs], results,
-                max_tokens=p.usc_max_tokens, max_model_len=max_model_len, fallback_shown=p.usc_fallback,
-            )  # fmt: skip
             out[f"{p.label}_selected"] = [c.index for c in chosen]
             out[f"{p.label}_selected_how"] = [c.how for c in chosen]
             out[f"{p.label}_tokens_usc"] = [c.tokens for c in chosen]
             tokens = [t + c.tokens for t, c in zip(tokens, chosen)]
         out[f"{p.label}_tokens"] = tokens
-        out[f"{p.label}_seconds"] = (time.perf_counter() - started) / max(len(batch), 1)
+        # Passes run side by side now: the wall time until the pass's last input was done.
+        out[f"{p.label}_seconds"] = seconds / max(len(batch), 1)
     return out
 
 
@@ -344,6 +383,13 @@ def _rows(examples: list[Example]) -> list[dict]:
     ]
 
 
+def batch_rows(inputs: int, engine: EngineConfig) -> int:
+    """Rows per batch: `engine.batch_size`, or fewer when that would leave an engine of the
+    full pool without work: every engine gets at least max(2, batches_per_engine) batches."""
+    per_engine = max(2, engine.batches_per_engine)
+    return max(1, min(engine.batch_size, math.ceil(inputs / (per_engine * engine.concurrency[1]))))
+
+
 def generation_dataset(todo: list[Example], passes: list[Pass], *, task: Task, model_path, engine: EngineConfig,
                        dtype: str, seed: int, vote: dict | None = None, tag: str = "", health=None):  # fmt: skip
     """The lazy Ray Data pipeline: inputs -> GeneratorActor pool (autoscaling min..max) -> vote.
@@ -351,15 +397,20 @@ def generation_dataset(todo: list[Example], passes: list[Pass], *, task: Task, m
     import ray
 
     lo, hi = engine.concurrency
-    ds = ray.data.from_items(_rows(todo), override_num_blocks=math.ceil(len(todo) / engine.batch_size))
+    size = batch_rows(len(todo), engine)
+    ds = ray.data.from_items(_rows(todo), override_num_blocks=math.ceil(len(todo) / size))
+    k = engine.batches_per_engine
     ds = ds.map_batches(
         GeneratorActor,
         fn_constructor_kwargs=dict(
             model_path=str(model_path), engine=engine, dtype=dtype, seed=seed, task=task, passes=passes, health=health
         ),
-        batch_size=engine.batch_size,
+        batch_size=size,
         batch_format="pandas",
-        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=lo, max_size=hi, max_concurrent_calls_per_actor=k, enable_true_multi_threading=k > 1,
+            max_tasks_in_flight_per_actor=k + 1,  # one more batch waits, ready, at each engine
+        ),  # fmt: skip
         **engine_remote_args(engine, engine_env(engine), tag),
     )
     if vote is not None:
@@ -464,6 +515,8 @@ def run_passes(
     if todo and not stopped:
         tag = uuid.uuid4().hex[:8]
         health = engine_health(engine)
+        log(f"generate: {len(todo)} inputs in batches of {batch_rows(len(todo), engine)}, up to "
+            f"{engine.concurrency[1]} engine(s) holding {engine.batches_per_engine} batch(es) each")  # fmt: skip
         ds = generation_dataset(
             todo, passes, task=task, model_path=model_path, engine=engine, dtype=dtype, seed=seed, vote=vote, tag=tag,
             health=health,

@@ -2,33 +2,84 @@ import pytest
 
 from s2d_ray.methods import METHODS
 from s2d_ray.methods import Program, Step, split_items
-from s2d_ray.methods.runner import run_program, run_rounds, usc_select
+from s2d_ray.methods.dataflow import PassRun, run_pass
 from s2d_ray.tasks import LastLetter
 
+SAMPLING = dict(temperature=0.7, top_p=1.0, max_tokens=8)
 
-class EchoEngine:
-    """Records prompts; answers with a step counter (a stand-in for unit tests only)."""
 
-    def __init__(self):
-        self.calls = []
+def one_pass(program, samples, *, first=None, round_size=1, decided=None, usc=None) -> PassRun:
+    return PassRun(program, samples, SAMPLING, first or samples, round_size, decided, usc)
 
-    def generate(self, texts, *, n, temperature, top_p, max_tokens):
+
+class FakeEngine:
+    """Request-level stand-in for unit tests only (Engine's submit/step interface): each
+    step finishes the `per_step` oldest requests (all by default) with `reply(prompt, n)`,
+    n counting replies from 1. Prompts longer than `limit` characters are refused at
+    submit, as Engine.submit refuses prompts that do not fit max_model_len."""
+
+    def __init__(self, reply=None, per_step=None, limit=None, prompt_len=10):
+        self.reply = reply or (lambda prompt, n: (f"out{n}", 3))
+        self.per_step, self.limit, self.prompt_len = per_step, limit, prompt_len
+        self.queue: list[tuple[str, str]] = []
+        self.events: list[tuple[str, str]] = []  # ("submit" | "done", prompt), in order
+        self.replies = 0
+
+    def encode(self, text):
+        return text
+
+    @staticmethod
+    def sampling(**kw):
+        return kw
+
+    def prompt_tokens(self, text):
+        return self.prompt_len * text.count("Response ")
+
+    def submit(self, prompt, params):
+        if self.limit is not None and len(prompt) > self.limit:
+            raise ValueError(f"prompt of {len(prompt)} tokens does not fit engine.max_model_len {self.limit}")
+        rid = f"r{len(self.events)}"
+        self.queue.append((rid, prompt))
+        self.events.append(("submit", prompt))
+        return rid
+
+    def step(self):
         from s2d_ray.engine import Completion
 
-        self.calls.append((texts, n))
-        return [[Completion(f"out{len(self.calls)}-{i}", 3) for i in range(n)] for _ in texts]
+        done, self.queue = self.queue[: self.per_step], self.queue[self.per_step :] if self.per_step else []
+        out = []
+        for rid, prompt in done:
+            self.replies += 1
+            self.events.append(("done", prompt))
+            text, tokens = self.reply(prompt, self.replies)
+            out.append((rid, [Completion(text, tokens)]))
+        return out
+
+    def submitted(self) -> list[str]:
+        return [p for kind, p in self.events if kind == "submit"]
 
 
-def test_rar2_runs_step_by_step_batched_across_inputs_and_samples():
-    engine = EchoEngine()
+def test_rar2_runs_every_sample_through_both_steps():
+    engine = FakeEngine()
     inputs = [{"question": "q1", "format": "F"}, {"question": "q2", "format": "F"}]
-    res = run_program(engine, METHODS["rar2"], inputs, samples=3, temperature=0.7, top_p=1.0, max_tokens=8)
-    assert len(engine.calls) == 2  # one engine call per step
-    assert engine.calls[0][1] == 3 and len(engine.calls[0][0]) == 2
-    assert engine.calls[1][1] == 1 and len(engine.calls[1][0]) == 6
-    assert "(rephrased) out1-0" in engine.calls[1][0][0] and "q1" in engine.calls[1][0][0]
+    res, chosen = run_pass(engine, one_pass(METHODS["rar2"], 3), inputs)
+    prompts = engine.submitted()
+    assert len(prompts) == 2 * 3 * 2 and chosen == [None, None]  # one request per sample and step
+    respond = [p for p in prompts if "(rephrased)" in p]
+    assert len(respond) == 6 and all("q1" in p or "q2" in p for p in respond)
     assert [len(r) for r in res] == [3, 3]
-    assert res[0][0].tokens == {"rephrase": 3, "respond": 3} and res[0][0].final.startswith("out2")
+    assert res[0][0].tokens == {"rephrase": 3, "respond": 3} and res[0][0].final.startswith("out")
+    assert res[0][0].values["respond"] == res[0][0].final
+
+
+def test_a_sample_takes_its_next_step_as_soon_as_its_previous_one_is_back():
+    engine = FakeEngine(per_step=1)  # the engine finishes one request at a time
+    inputs = [{"question": "q1", "format": "F"}]
+    run_pass(engine, one_pass(METHODS["rar2"], 3), inputs)
+    kinds = [(kind, "(rephrased)" in p) for kind, p in engine.events]
+    first_step2 = kinds.index(("submit", True))
+    last_step1_done = max(i for i, k in enumerate(kinds) if k == ("done", False))
+    assert first_step2 < last_step1_done  # no barrier: sample 1's step 2 runs beside samples 2-3's step 1
 
 
 def test_every_method_template_only_uses_known_fields():
@@ -49,29 +100,22 @@ def test_split_items_reads_numbered_and_bulleted_lists():
     assert split_items("just prose", 5) == ["just prose"] and split_items("", 5) == ["(none)"]
 
 
-class ListEngine(EchoEngine):
-    """Answers the branch step with a list of three criteria."""
+def test_bsm_solves_once_per_criterion_and_merges_in_order():
+    def reply(prompt, n):
+        if "Criterion:" in prompt:
+            return f"solved{n}", 2
+        if "1. accuracy" in prompt:  # the merge step sees every criterion's evaluation
+            return "merged", 2
+        return "1. accuracy\n2. clarity\n3. depth", 9
 
-    def generate(self, texts, *, n, temperature, top_p, max_tokens):
-        from s2d_ray.engine import Completion
-
-        self.calls.append((texts, n))
-        if len(self.calls) == 1:
-            return [[Completion("1. accuracy\n2. clarity\n3. depth", 9) for _ in range(n)] for _ in texts]
-        return [[Completion(f"out{len(self.calls)}-{k}", 2) for k in range(n)] for k, _ in enumerate(texts)]
-
-
-def test_bsm_solves_once_per_criterion_in_one_batched_call():
-    engine = ListEngine()
+    engine = FakeEngine(reply)
     values = {"question": "Q", "format": "F", "question_text": "Q", "response_a": "RA", "response_b": "RB"}
-    res = run_program(engine, METHODS["bsm"], [values], samples=2, temperature=0.7, top_p=1.0, max_tokens=8)
-    assert len(engine.calls) == 3  # branch, solve (fanned out), merge
-    solve_prompts = engine.calls[1][0]
-    assert len(solve_prompts) == 2 * 3 and "Criterion: clarity" in solve_prompts[1]
+    res, _ = run_pass(engine, one_pass(METHODS["bsm"], 2), [values])
+    solve_prompts = [p for p in engine.submitted() if "Criterion:" in p]
+    assert len(solve_prompts) == 2 * 3 and any("Criterion: clarity" in p for p in solve_prompts)
     sample = res[0][0]
-    assert sample.tokens == {"branch": 9, "solve": 6, "merge": 2}
+    assert sample.tokens == {"branch": 9, "solve": 6, "merge": 2} and sample.final == "merged"
     assert sample.values["solve"].startswith("1. accuracy\n") and "3. depth" in sample.values["solve"]
-    assert "1. accuracy" in engine.calls[2][0][0]  # merge sees every criterion's evaluation
 
 
 def test_fan_out_must_follow_an_earlier_step():
@@ -81,48 +125,33 @@ def test_fan_out_must_follow_an_earlier_step():
 
 
 def test_adaptive_rounds_stop_decided_inputs_and_never_exceed_n():
-    engine = EchoEngine()
+    engine = FakeEngine()
     inputs = [{"question": "easy", "format": ""}, {"question": "hard", "format": ""}]
     decided = lambda samples: samples[0].values["question"] == "easy"  # noqa: E731
-    res = run_rounds(engine, METHODS["system1"], inputs, n_max=7, first=3, round_size=3, decided=decided,
-                     temperature=0.7, top_p=1.0, max_tokens=8)  # fmt: skip
+    res, _ = run_pass(engine, one_pass(METHODS["system1"], 7, first=3, round_size=3, decided=decided), inputs)
     assert [len(r) for r in res] == [3, 7]  # hard: 3 + 3 + 1, never more than N
-    assert [n for _, n in engine.calls] == [3, 3, 1] and len(engine.calls[1][0]) == 1
+    assert sum("easy" in p for p in engine.submitted()) == 3 and sum("hard" in p for p in engine.submitted()) == 7
 
 
-class UscEngine(EchoEngine):
-    def __init__(self, reply, prompt_len=10):
-        super().__init__()
-        self.reply, self.prompt_len = reply, prompt_len
+def test_usc_asks_once_per_input_and_records_fallbacks():
+    def answers(choice):
+        return lambda prompt, n: (choice, 5) if "most consistent" in prompt else (f"answer {n}", 1)
 
-    def prompt_tokens(self, text):
-        return self.prompt_len * text.count("Response ")
-
-    def generate(self, texts, *, n, temperature, top_p, max_tokens):
-        from s2d_ray.engine import Completion
-
-        self.calls.append((texts, n))
-        return [[Completion(self.reply, 5)] for _ in texts]
-
-
-def _samples(k):
-    from s2d_ray.methods.runner import Sample
-
-    return [Sample({}, {"answer": 1}, f"answer {i}") for i in range(k)]
-
-
-def test_usc_select_asks_once_for_all_inputs_and_records_fallbacks():
-    engine = UscEngine("The most consistent response is Response 2")
-    chosen = usc_select(engine, ["a", "b"], ["Q1", "Q2"], [_samples(3), _samples(1)], max_tokens=8, max_model_len=1000)
-    assert [(c.index, c.how, c.tokens) for c in chosen] == [(1, "all", 5), (0, "single", 0)]
-    assert len(engine.calls) == 1 and len(engine.calls[0][0]) == 1
+    usc = (8, 1000, 10)  # max_tokens, max_model_len, fallback_shown
+    engine = FakeEngine(answers("The most consistent response is Response 2"))
+    inputs = [{"question": "Q1", "format": ""}]
+    (samples,), (chosen,) = run_pass(engine, one_pass(METHODS["system1"], 3, usc=usc), inputs)
+    assert (chosen.index, chosen.how, chosen.tokens) == (1, "all", 5) and len(samples) == 3
+    assert sum("most consistent" in p for p in engine.submitted()) == 1
+    _, (single,) = run_pass(FakeEngine(answers("x")), one_pass(METHODS["system1"], 1, usc=usc), inputs)
+    assert (single.index, single.how, single.tokens) == (0, "single", 0)
     # 20 responses do not fit 150 tokens, the first 10 do (10 x 10 + the instruction's mention).
-    tight = UscEngine("Response 4", prompt_len=10)
-    chosen = usc_select(tight, ["a"], ["Q"], [_samples(20)], max_tokens=8, max_model_len=150)
-    assert (chosen[0].index, chosen[0].how) == (3, "first_10")
-    none_fit = UscEngine("Response 4", prompt_len=100)
-    chosen = usc_select(none_fit, ["a"], ["Q"], [_samples(20)], max_tokens=8, max_model_len=150)
-    assert chosen[0].how == "random" and none_fit.calls == []
+    tight = FakeEngine(answers("Response 4"), prompt_len=10)
+    _, (chosen,) = run_pass(tight, one_pass(METHODS["system1"], 20, usc=(8, 150, 10)), inputs)
+    assert (chosen.index, chosen.how) == (3, "first_10")
+    none_fit = FakeEngine(answers("Response 4"), prompt_len=100)
+    _, (chosen,) = run_pass(none_fit, one_pass(METHODS["system1"], 20, usc=(8, 150, 10)), inputs)
+    assert chosen.how == "random" and not any("most consistent" in p for p in none_fit.submitted())
 
 
 def test_unknown_placeholder_is_reported():
@@ -132,25 +161,6 @@ def test_unknown_placeholder_is_reported():
     later = METHODS["rar2"].with_prompts({"rephrase": "{respond}"})
     with pytest.raises(ValueError, match="unknown placeholder"):
         later.check_templates({"question"})
-
-
-class ShortContextEngine(EchoEngine):
-    """Refuses prompts longer than `limit` characters, as Engine.generate does for prompts
-    that do not fit max_model_len: an error per prompt, never for the whole call."""
-
-    def __init__(self, limit: int, long_reply: str = ""):
-        super().__init__()
-        self.limit, self.long_reply = limit, long_reply
-
-    def generate(self, texts, *, n, temperature, top_p, max_tokens):
-        from s2d_ray.engine import Completion
-
-        self.calls.append((texts, n))
-        return [
-            [Completion("", 0, f"prompt of {len(t)} tokens does not fit engine.max_model_len {self.limit}")] * n
-            if len(t) > self.limit else [Completion(self.long_reply or f"out{len(self.calls)}-{i}", 3) for i in range(n)]
-            for t in texts
-        ]  # fmt: skip
 
 
 def test_an_input_too_long_for_the_context_fails_alone():
@@ -168,7 +178,7 @@ def test_an_input_too_long_for_the_context_fails_alone():
         "id": [short.id, long_.id], "input": [short.question, long_question], "answer": [short.answer, long_.answer],
         "fields": [json.dumps(short.fields), json.dumps(long_.fields)],
     })  # fmt: skip
-    engine = ShortContextEngine(limit=1200)
+    engine = FakeEngine(limit=1200)
     p = Pass("system2", METHODS["rar2"], 2, 0.7, 1.0, 8)
     out = run_batch(engine, task, [p], batch, max_model_len=2048)
     assert not isinstance(out["system2_failure"].tolist()[0], str) and out["system2_failed_samples"].tolist() == [0, 2]
@@ -180,8 +190,7 @@ def test_an_input_too_long_for_the_context_fails_alone():
 
 
 def test_a_step_two_prompt_grown_by_step_one_fails_that_sample_only():
-    engine = ShortContextEngine(limit=900, long_reply="x" * 1000)  # step 1's output makes step 2 too long
-    inputs = [{"question": "q1", "format": "F"}]
-    (samples,) = run_program(engine, METHODS["rar2"], inputs, samples=2, temperature=0.7, top_p=1.0, max_tokens=8)
+    engine = FakeEngine(lambda prompt, n: ("x" * 1000, 3), limit=900)  # step 1's output makes step 2 too long
+    (samples,), _ = run_pass(engine, one_pass(METHODS["rar2"], 2), [{"question": "q1", "format": "F"}])
     assert all(s.error and s.error.startswith("respond: prompt of ") for s in samples)
     assert all(s.final == "" and s.tokens == {"rephrase": 3, "respond": 0} for s in samples)
