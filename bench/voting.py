@@ -1,21 +1,27 @@
 """Adaptive vs. fixed-N voting on the same inputs, in one run, on the real engine.
 
-Three ways to vote over the job's System 2 method:
+Four ways to vote over the job's System 2 method, run in a random (seeded) order on one
+engine, through the product's per-sample dataflow:
   fixed     N samples per input, strict-majority vote (what `filter.name: majority` does);
   adaptive  rounds of samples, stop once the N-vote can no longer change (exact rule);
-  confident rounds, stop once P(leader holds the majority) >= --confidence.
-Prints samples and tokens drawn by each, the saving against fixed-N, the kept counts,
-and the fraction of labels kept by both that differ from fixed-N. The adaptive rules
-are also replayed on the fixed-N samples themselves (same draws, so any difference is
-the rule's, not sampling noise).
+  confident rounds, stop once P(leader holds the majority) >= --confidence;
+  window    early-stopping self-consistency: stop once the last --window samples agree.
+Prints samples, tokens and wall seconds of each, the saving against fixed-N, the kept
+counts, and the labels kept by both that differ from fixed-N. The adaptive rules are
+also replayed on the fixed-N samples themselves, round by round (same draws, so any
+difference is the rule's, not sampling noise).
 
-    python bench/voting.py [JOB.yaml] [--inputs 24] [--samples 8] [--confidence 0.9] [--set key=value ...]
+    python bench/voting.py [JOB.yaml] [--inputs 24] [--samples 8] [--window 3] [--set key=value ...]
+
+Ends with one line: RESULT ratio_samples=... ratio_seconds=... replay_identical=... (the
+window rule against fixed-N; goals: ratio_samples <= 0.4, replay_identical >= 0.98).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import time
 from pathlib import Path
 
@@ -36,6 +42,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--confidence", type=float, default=0.9)
     parser.add_argument("--temperature", type=float, default=0.5)
+    parser.add_argument("--window", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0, help="order of the four runs")
     args = parser.parse_args()
 
     from s2d_ray.config import load_config
@@ -62,46 +70,64 @@ def main() -> None:
     tokens = lambda results: sum(sum(x.tokens.values()) for r in results for x in r)  # noqa: E731
     rows = {}
 
-    t = time.perf_counter()
-    fixed, _ = run_pass(engine, PassRun(program, n, sampling, n, 1, None, None), inputs)
-    fixed_votes = [majority_vote(answers(r), cfg.filter.min_agreement) for r in fixed]
-    rows["fixed"] = (fixed_votes, n * len(inputs), tokens(fixed), time.perf_counter() - t)
-
-    for name, confidence in (("adaptive", None), ("confident", args.confidence)):
-        def decided(samples, c=confidence) -> bool:
-            return adaptive_vote(answers(samples), n, cfg.filter.min_agreement, c) is not None
-
+    rules = {"fixed": None, "adaptive": (None, None), "confident": (args.confidence, None), "window": (None, args.window)}
+    order = list(rules)
+    random.Random(args.seed).shuffle(order)
+    print(f"order: {', '.join(order)}")
+    fixed_votes = fixed = None
+    for name in order:
         t = time.perf_counter()
-        rounds = PassRun(program, n, sampling, min(first_round(n, confidence), n), cfg.filter.round_size, decided, None)
-        results, _ = run_pass(engine, rounds, inputs)
-        assert all(len(r) <= n for r in results), "adaptive voting drew more than N"
-        votes = [adaptive_vote(answers(r), n, cfg.filter.min_agreement, confidence) or
-                 majority_vote(answers(r), cfg.filter.min_agreement) for r in results]  # fmt: skip
+        if rules[name] is None:
+            results, _ = run_pass(engine, PassRun(program, n, sampling, n, 1, None, None), inputs)
+            votes = [majority_vote(answers(r), cfg.filter.min_agreement) for r in results]
+            fixed, fixed_votes = results, votes
+        else:
+            confidence, window = rules[name]
+
+            def decided(samples, c=confidence, w=window) -> bool:
+                return adaptive_vote(answers(samples), n, cfg.filter.min_agreement, c, w) is not None
+
+            rounds = PassRun(program, n, sampling, first_round(n, confidence, window), cfg.filter.round_size, decided, None)
+            results, _ = run_pass(engine, rounds, inputs)
+            assert all(len(r) <= n for r in results), "adaptive voting drew more than N"
+            votes = [adaptive_vote(answers(r), n, cfg.filter.min_agreement, confidence, window) or
+                     majority_vote(answers(r), cfg.filter.min_agreement) for r in results]  # fmt: skip
         rows[name] = (votes, sum(len(r) for r in results), tokens(results), time.perf_counter() - t)
     engine.close()
 
-    base_samples, base_tokens = rows["fixed"][1], rows["fixed"][2]
+    base_samples, base_tokens, base_seconds = rows["fixed"][1], rows["fixed"][2], rows["fixed"][3]
     print(f"\n{'voting':<10} {'samples':>8} {'saved':>7} {'tokens':>8} {'saved':>7} {'kept':>6} {'differ':>12} {'seconds':>8}")
-    for name, (votes, drawn, tok, sec) in rows.items():
-        diff, both = _differ(votes, rows["fixed"][0])
+    for name in rules:
+        votes, drawn, tok, sec = rows[name]
+        diff, both = _differ(votes, fixed_votes)
         print(f"{name:<10} {drawn:>8} {1 - drawn / base_samples:>7.0%} {tok:>8} {1 - tok / max(base_tokens, 1):>7.0%} "
               f"{sum(v.kept for v in votes):>6} {f'{diff}/{both}' if name != 'fixed' else '-':>12} {sec:>8.1f}")
 
-    # The same rules replayed on the fixed-N draws: what the rule changes, without sampling noise.
+    # The same rules replayed on the fixed-N draws, round by round: what the rule changes,
+    # without sampling noise.
     print("\nreplayed on the fixed-N samples (same draws):")
-    for name, confidence in (("adaptive", None), ("confident", args.confidence)):
+    replay = {}
+    for name, rule in rules.items():
+        if rule is None:
+            continue
+        confidence, window = rule
         votes, used = [], 0
         for r in fixed:
             a = answers(r)
-            k = first_round(n, confidence)
-            while (v := adaptive_vote(a[:k], n, cfg.filter.min_agreement, confidence)) is None:
-                k += 1
+            k = first_round(n, confidence, window)
+            while (v := adaptive_vote(a[:k], n, cfg.filter.min_agreement, confidence, window)) is None:
+                k = min(n, k + cfg.filter.round_size)
             votes.append(v)
             used += k
         diff, both = _differ(votes, fixed_votes)
         changed = sum(v.kept != f.kept for v, f in zip(votes, fixed_votes))
+        replay[name] = (used, 1 - diff / both if both else 1.0)
         print(f"  {name:<10} samples {used}/{base_samples} (saved {1 - used / base_samples:.0%}); "
               f"kept labels differing from fixed-N: {diff}/{both}; keep/drop decisions changed: {changed}/{len(votes)}")
+    w = rows["window"]
+    print(f"RESULT ratio_samples={w[1] / base_samples:.2f} ratio_seconds={w[3] / base_seconds:.2f} "
+          f"replay_identical={replay['window'][1]:.2f} ratio_samples_exact={rows['adaptive'][1] / base_samples:.2f} "
+          f"ratio_samples_confident={rows['confident'][1] / base_samples:.2f}")
 
 
 if __name__ == "__main__":

@@ -67,9 +67,15 @@ class FilterConfig(Strict):
     round_size: int = Field(2, ge=1)
     # Also stop when P(leader holds a majority) reaches this (None: only when the N-vote is certain).
     confidence: float | None = Field(None, gt=0.5, lt=1.0)
+    # Also stop once the last `window` samples agree (early-stopping self-consistency).
+    window: int | None = Field(None, ge=2)
 
     @model_validator(mode="after")
     def _check(self):
+        if self.window is not None and not self.adaptive:
+            raise ValueError("filter.window only applies with adaptive: true")
+        if self.window is not None and self.window > self.samples:
+            raise ValueError(f"filter.window {self.window} > filter.samples {self.samples}")
         if self.adaptive and self.name != "majority":
             raise ValueError(f"adaptive voting needs filter.name: majority, not {self.name!r}")
         if self.confidence is not None and not self.adaptive:
@@ -154,6 +160,12 @@ class TrainConfig(Strict):
     # If set, overrides epochs: exact number of optimizer steps.
     steps: int | None = Field(None, ge=1)
     micro_batch_size: int = Field(4, ge=1)
+    # Micro-batches are cut from windows of `bucket_window` x micro_batch_size rows sorted
+    # by length (less padding; the order of micro-batches is then shuffled, seeded). 1: off.
+    bucket_window: int = Field(16, ge=1, le=1024)
+    # Cap on a micro-batch's padded tokens (rows x its longest row): fewer rows where rows
+    # are long (GPU memory). None: always micro_batch_size rows. Not with streaming.
+    micro_batch_tokens: int | None = Field(None, ge=16)
     grad_accum: int = Field(1, ge=1)
     max_seq_len: int = Field(512, ge=16)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
@@ -269,6 +281,12 @@ class JobConfig(Strict):
             )
         if self.train.use_gpu != (self.engine.device == "cuda"):
             raise ValueError("engine.device and train.use_gpu disagree (cuda needs use_gpu: true)")
+        if self.train.streaming and self.train.micro_batch_tokens is not None:
+            raise ValueError("train.micro_batch_tokens varies micro-batches per rank; a stream needs equal ones "
+                             "(every rank must run out at the same step): leave it unset with train.streaming")  # fmt: skip
+        if self.train.micro_batch_tokens is not None and self.train.micro_batch_tokens < self.train.max_seq_len:
+            raise ValueError(f"train.micro_batch_tokens {self.train.micro_batch_tokens} < train.max_seq_len "
+                             f"{self.train.max_seq_len}: a row of the longest length would not fit alone")  # fmt: skip
         if self.train.streaming and (self.budget.tokens or self.budget.money):
             raise ValueError("budget stops generation between parts; it is not available with train.streaming")
         if self.filter.name == "swap" and not self.task.has_perturbation:

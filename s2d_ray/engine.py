@@ -49,6 +49,14 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+def _completion(c) -> Completion:
+    # The engine ends a request it could not serve with finish reason "error" (and "abort"
+    # when aborted): a failed sample with that reason, not an empty answer.
+    if c.finish_reason in ("error", "abort"):
+        return Completion(c.text, len(c.token_ids), f"engine ended the request ({c.finish_reason})")
+    return Completion(c.text, len(c.token_ids))
+
+
 @dataclass(frozen=True)
 class Completion:
     text: str
@@ -141,7 +149,11 @@ class Engine:
             self.last_progress = time.monotonic()  # idle time is not a stall
         try:
             self.llm.llm_engine.add_request(rid, {"prompt_token_ids": prompt_ids}, params)
-        except (ValueError, TypeError) as err:
+        except ValueError as err:
+            try:  # vLLM may have registered it before refusing it: never leave half a request
+                self.llm.llm_engine.abort_request([rid])
+            except Exception:  # noqa: BLE001 (it was not registered)
+                pass
             raise ValueError(f"engine rejected the prompt: {err}") from None
         except Exception as err:  # noqa: BLE001 (classified: the engine itself failed)
             raise EngineDead(_reason(err)) from err
@@ -160,7 +172,7 @@ class Engine:
         for o in outputs:
             if o.finished and o.request_id in self._live:
                 self._live.discard(o.request_id)
-                done.append((o.request_id, [Completion(c.text, len(c.token_ids)) for c in o.outputs]))
+                done.append((o.request_id, [_completion(c) for c in o.outputs]))
         return done
 
     def _inject_fault(self) -> None:

@@ -48,8 +48,8 @@ class Pass:
     select: str | None = None
     usc_fallback: int = 10
     usc_max_tokens: int = 24
-    # Adaptive voting: (min_agreement, confidence, round_size); None samples N at once.
-    adaptive: tuple[float, float | None, int] | None = None
+    # Adaptive voting: (min_agreement, confidence, round_size, window); None samples N at once.
+    adaptive: tuple[float, float | None, int, int | None] | None = None
 
 
 class EngineFailed(S2DError):
@@ -149,6 +149,7 @@ class GeneratorActor:
         self.flow = Flow(self.engine)
         self.active: set = set()
         self.broken: BaseException | None = None
+        self.lock = threading.Lock()  # `broken` and `active` change together
         self.flow.start(on_error=self._flow_failed)
         if engine.stall_timeout_s is not None:
             threading.Thread(target=self._watch, args=(engine.stall_timeout_s,), daemon=True).start()
@@ -159,9 +160,10 @@ class GeneratorActor:
         return out
 
     def _wait(self, work) -> None:
-        if self.broken is not None:
-            raise self.broken
-        self.active.add(work)
+        with self.lock:
+            if self.broken is not None:
+                raise self.broken
+            self.active.add(work)
         try:
             self.flow.add(work)
             work.done.wait()
@@ -176,8 +178,10 @@ class GeneratorActor:
             self._exit(f"engine dead: {err}")
         # Anything else is a bug of ours, not the engine's: every batch fails with it (Ray
         # Data reports it), and so does every later one.
-        self.broken = err
-        for work in list(self.active):
+        with self.lock:
+            self.broken = err
+            failing = list(self.active)
+        for work in failing:
             work.fail(err)
 
     def _watch(self, timeout: float) -> None:
@@ -231,12 +235,12 @@ def pass_run(p: Pass, task: Task, max_model_len: int):
 
     first, round_size, decided = p.samples, 1, None
     if p.adaptive is not None:
-        min_agreement, confidence, round_size = p.adaptive
-        first = min(first_round(p.samples, confidence), p.samples)
+        min_agreement, confidence, round_size, window = p.adaptive
+        first = first_round(p.samples, confidence, window)
 
         def decided(samples) -> bool:
             answers = [task.extract(s.final) for s in samples]
-            return adaptive_vote(answers, p.samples, min_agreement, confidence) is not None
+            return adaptive_vote(answers, p.samples, min_agreement, confidence, window) is not None
 
     return PassRun(
         program=p.program, samples=p.samples, first=first, round_size=round_size, decided=decided,
@@ -288,7 +292,7 @@ def run_batch(flow, task: Task, passes: list[Pass], batch: pd.DataFrame, max_mod
             out[f"{p.label}_tokens_usc"] = [c.tokens for c in chosen]
             tokens = [t + c.tokens for t, c in zip(tokens, chosen)]
         out[f"{p.label}_tokens"] = tokens
-        # Passes run side by side now: the wall time until the pass's last input was done.
+        # The pass's share of the engine's time (batches and passes overlap on one engine).
         out[f"{p.label}_seconds"] = seconds / max(len(batch), 1)
     return out
 
@@ -306,7 +310,7 @@ def vote_row(row: dict, label: str, filt: FilterConfig) -> Vote:
     if filt.name == "none":
         return no_filter(answers)
     if filt.adaptive:
-        vote = adaptive_vote(answers, filt.samples, filt.min_agreement, filt.confidence)
+        vote = adaptive_vote(answers, filt.samples, filt.min_agreement, filt.confidence, filt.window)
         if vote is not None:
             return vote
     return majority_vote(answers, filt.min_agreement)
@@ -409,7 +413,9 @@ def generation_dataset(todo: list[Example], passes: list[Pass], *, task: Task, m
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(
             min_size=lo, max_size=hi, max_concurrent_calls_per_actor=k, enable_true_multi_threading=k > 1,
-            max_tasks_in_flight_per_actor=k + 1,  # one more batch waits, ready, at each engine
+            # k more batches wait, ready, at each engine; and Ray Data grows the pool only when
+            # tasks in flight reach 1.75 x the actors' concurrency: 2k lets it.
+            max_tasks_in_flight_per_actor=2 * k,
         ),  # fmt: skip
         **engine_remote_args(engine, engine_env(engine), tag),
     )

@@ -128,7 +128,7 @@ def generation_passes(cfg: JobConfig, program: Program) -> list[Pass]:
     main = Pass(
         "system2", program, f.samples, s.temperature, s.top_p, s.max_tokens,
         select="usc" if f.name == "usc" else None, usc_fallback=f.usc_fallback, usc_max_tokens=f.usc_max_tokens,
-        adaptive=(f.min_agreement, f.confidence, f.round_size) if f.adaptive else None,
+        adaptive=(f.min_agreement, f.confidence, f.round_size, f.window) if f.adaptive else None,
     )  # fmt: skip
     if f.name != "swap":
         return [main]

@@ -138,14 +138,68 @@ def train_micro_batch(engine, examples: list[tuple[list[int], list[int]]], pad_i
     return loss.detach(), tokens
 
 
-def _cycle_batches(shard, batch_size: int):
-    """Micro-batches forever: every worker must take the same number of steps, or the
-    ZeRO-3 collectives of the worker with more data would wait for ever."""
+_TOKENIZERS: dict[str, object] = {}
+
+
+def tokenize_rows(batch, model_path: str, max_len: int):
+    """Ray Data stage before the trainer: (prompt, target) rows -> token ids and labels,
+    tokenized once here instead of inside every training step."""
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    if model_path not in _TOKENIZERS:
+        _TOKENIZERS[model_path] = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = _TOKENIZERS[model_path]
+    encoded = [encode(tokenizer, p, t, max_len) for p, t in zip(batch["prompt"], batch["target"])]
+    return pd.DataFrame({"input_ids": [e[0] for e in encoded], "labels": [e[1] for e in encoded]})
+
+
+def tokenized(ds, model_path: Path, cfg: TrainConfig):
+    """The distillation set (or stream) with token ids, for the trainer workers."""
+    return ds.map_batches(
+        tokenize_rows, fn_kwargs={"model_path": str(model_path), "max_len": cfg.max_seq_len},
+        batch_format="pandas", num_cpus=0,  # light, and the trainer ranks may hold every CPU
+    )  # fmt: skip
+
+
+def bucketed(rows: list[tuple[list[int], list[int]]], size: int, max_tokens: int | None, seed: int):
+    """One window of rows cut into micro-batches of similar lengths: sorted by length, cut
+    every `size` rows (sooner where rows x longest would pass `max_tokens`), then put in a
+    seeded random order so that a step does not always see the longest rows."""
+    import random
+
+    rows = sorted(rows, key=lambda r: len(r[0]))
+    out, current = [], []
+    for row in rows:
+        if current and (len(current) == size or (max_tokens and (len(current) + 1) * len(row[0]) > max_tokens)):
+            out.append(current)
+            current = []
+        current.append(row)
+    if current:
+        out.append(current)
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def micro_batches(shard, cfg: TrainConfig, cycle: bool, prefetch: int = 2):
+    """The worker's micro-batches, as lists of (ids, labels), from its shard of tokenized
+    rows: bucketed by length within windows of cfg.bucket_window micro-batches.
+
+    `cycle`: forever, window after window, pass after pass (every worker must take the
+    same number of steps, or the ZeRO-3 collectives of the worker with more data would
+    wait for ever); else one pass (a stream). The sequence is the same on every run over
+    the same shard, which is what resuming at a micro-batch count relies on."""
+    window = cfg.micro_batch_size * cfg.bucket_window
+    k = 0
     while True:
         empty = True
-        for batch in shard.iter_batches(batch_size=batch_size, batch_format="pandas"):
+        for batch in shard.iter_batches(batch_size=window, batch_format="pandas", prefetch_batches=prefetch):
             empty = False
-            yield batch
+            rows = [(list(i), list(lab)) for i, lab in zip(batch["input_ids"], batch["labels"])]
+            yield from bucketed(rows, cfg.micro_batch_size, cfg.micro_batch_tokens, cfg.seed + k)
+            k += 1
+        if not cycle:
+            return
         if empty:
             raise RuntimeError("this worker's shard of the distillation set is empty")
 
@@ -217,15 +271,12 @@ def train_loop(config: dict) -> None:
     )
 
     shard = ray.train.get_dataset_shard("train")
-    if config["stream"]:
-        # One pass over the distillation stream as generation produces it; the split is
-        # equal across ranks, so every rank runs out at the same step.
-        batches = iter(shard.iter_batches(batch_size=cfg.micro_batch_size, batch_format="pandas"))
-    else:
-        batches = _cycle_batches(shard, cfg.micro_batch_size)
+    # A stream is one pass as generation produces it; the split is equal across ranks and
+    # micro-batches have fixed row counts there, so every rank runs out at the same step.
+    batches = micro_batches(shard, cfg, cycle=not config["stream"])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     started = time.perf_counter()
-    first, tokens_seen, consumed = 1, 0, 0
+    first, tokens_seen, consumed, padded = 1, 0, 0, 0
     resumed = None if config["stream"] else ray.train.get_checkpoint()
     if resumed is not None:
         # The group was restarted (a rank died) or the command rerun on the same inputs:
@@ -241,6 +292,7 @@ def train_loop(config: dict) -> None:
             if loaded is None:  # DeepSpeed only warns: never go on from fresh weights as if resumed
                 raise RuntimeError(f"rank {rank}: the checkpoint in {folder} could not be loaded ({sorted(os.listdir(folder))})")
         first, tokens_seen, consumed = state["step"] + 1, state["tokens"], state["micro_batches"]
+        padded = state.get("padded", tokens_seen)
         for _ in range(consumed):
             next(batches)
         if rank == 0:
@@ -254,9 +306,9 @@ def train_loop(config: dict) -> None:
             if batch is None:
                 break
             consumed += 1
-            encoded = [encode(tokenizer, p, t, cfg.max_seq_len) for p, t in zip(batch["prompt"], batch["target"])]
-            loss, tokens = train_micro_batch(engine, encoded, pad)
+            loss, tokens = train_micro_batch(engine, batch, pad)
             tokens_seen += tokens
+            padded += len(batch) * max(len(ids) for ids, _ in batch)
             losses.append(loss)
         if not losses:
             if rank == 0:
@@ -268,11 +320,12 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             print(
                 f"train step {step}/{steps}  loss {metrics['loss']:.4f}  "
-                f"{tokens_seen / elapsed:.0f} tok/s/worker  {elapsed:.0f}s",
+                f"{tokens_seen / elapsed:.0f} tok/s/worker (non-padding; padding {1 - tokens_seen / max(padded, 1):.0%})  "
+                f"{elapsed:.0f}s",
                 flush=True,
             )
         if every and step % every == 0 and step < steps:
-            save_checkpoint(engine, rank, {"step": step, "tokens": tokens_seen, "micro_batches": consumed}, metrics)
+            save_checkpoint(engine, rank, {"step": step, "tokens": tokens_seen, "micro_batches": consumed, "padded": padded}, metrics)
 
     if metrics["step"] == 0:  # nothing came down the stream: no model, not the base one renamed
         ray.train.report(metrics)
@@ -523,6 +576,7 @@ def train(
         # over its data anyway).
         log(f"training: {rows} row(s) for {cfg.workers} workers; repeating them so every worker has data")
         ds = ray.data.from_items(ds.take_all() * math.ceil(cfg.workers / rows)).materialize()
+    ds = tokenized(ds, model_path, cfg).materialize()  # once, here: the workers only batch and pad
     steps = total_steps(cfg, rows)
     every = checkpoint_interval(cfg, steps)
     log(f"training: {rows} rows, {steps} steps, {cfg.workers} workers, ZeRO-3"
@@ -537,7 +591,7 @@ def train_stream(ds, model_path: Path, out_dir: Path, storage: Path, cfg: TrainC
     A stream cannot be replayed: no checkpoints, no restarts; a failure fails the stage
     (the rows are in generate/ and distill/, so `s2d train` can then train on them)."""
     log(f"training: streaming, up to {cfg.steps} steps, {cfg.workers} workers, ZeRO-3")
-    return fit(ds, None, cfg.steps, model_path, out_dir, storage, cfg, stream=True, attempt=None, log=log)
+    return fit(tokenized(ds, model_path, cfg), None, cfg.steps, model_path, out_dir, storage, cfg, stream=True, attempt=None, log=log)
 
 
 TRAINED_FROM = ".s2d-trained-from.json"  # in model/: the inputs it was trained from (pipeline.py)

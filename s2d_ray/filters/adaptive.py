@@ -10,6 +10,10 @@ Two stopping rules, both never exceeding N samples:
   all samples, stop when P(p > 1/2 | votes so far) >= c (keep) or <= 1 - c (drop). After
   3 agreeing samples P = 15/16, so easy inputs cost 3 samples instead of N; the label
   can then differ from a fixed-N vote, and `bench/voting.py` measures how often.
+* window (optional, `window` w): early-stopping self-consistency (Li et al., 2024): stop
+  and keep once the last w samples all give the same answer. Samples come in windows of
+  w (the first round) and then `round_size`. Labels can differ from a fixed-N vote;
+  `bench/voting.py` measures samples saved and labels changed.
 """
 
 from __future__ import annotations
@@ -33,8 +37,12 @@ def _leader(answers: list[str | None]) -> tuple[str | None, int]:
     return counts[0]
 
 
-def adaptive_vote(answers: list[str | None], n_max: int, min_agreement: float = 0.5, confidence: float | None = None) -> Vote | None:
-    """The vote once decided, or None while more samples are needed."""
+def adaptive_vote(
+    answers: list[str | None], n_max: int, min_agreement: float = 0.5, confidence: float | None = None,
+    window: int | None = None,
+) -> Vote | None:
+    """The vote once decided, or None while more samples are needed. `answers` are in the
+    order they were drawn (the window rule reads the last ones)."""
     drawn = len(answers)
     if drawn > n_max:
         raise ValueError(f"{drawn} samples drawn, more than N={n_max}")
@@ -49,6 +57,10 @@ def adaptive_vote(answers: list[str | None], n_max: int, min_agreement: float = 
         return Vote(None, count, drawn, False, "no_majority", counts)
     if count + left < min_agreement * n_max:
         return Vote(None, count, drawn, False, "below_min_agreement", counts)
+    if window is not None and drawn >= window:
+        tail = answers[-window:]
+        if tail[0] and all(a == tail[0] for a in tail) and counts[tail[0]] >= min_agreement * drawn:
+            return Vote(tail[0], counts[tail[0]], drawn, True, "kept", counts)
     if confidence is not None and drawn:
         p = majority_probability(count if leader is not None else 0, drawn)
         if leader is not None and p >= confidence and count >= min_agreement * drawn:
@@ -58,8 +70,10 @@ def adaptive_vote(answers: list[str | None], n_max: int, min_agreement: float = 
     return None
 
 
-def first_round(n_max: int, confidence: float | None) -> int:
+def first_round(n_max: int, confidence: float | None, window: int | None = None) -> int:
     """Samples to draw before any decision is possible."""
+    if window is not None:
+        return min(n_max, window)
     if confidence is None:
         return min(n_max, n_max // 2 + 1)
     k = 1

@@ -45,18 +45,21 @@ class Flow:
     continuations of the requests it finished (which may `ask` again).
 
     Either the caller turns the crank (`run`, one batch), or a thread does (`start`,
-    several batches at once, each waiting for its own `BatchRun.done`)."""
+    several batches at once, each waiting for its own `BatchRun.done`). Each turn's time
+    is shared equally among the (batch, pass) pairs with work open, so per-pass seconds
+    add up to the engine's busy time however many batches and passes overlap."""
 
     def __init__(self, engine):
         self.engine = engine
         self._starting: list[BatchRun] = []
-        self._queue: list[tuple[str, dict, Callable]] = []
-        self._waiting: dict[str, Callable] = {}
+        self._active: list[BatchRun] = []
+        self._queue: list[tuple[str, dict, Callable, BatchRun]] = []
+        self._waiting: dict[str, tuple[Callable, BatchRun]] = {}
         self._wake = threading.Condition()
 
-    def ask(self, text: str, then: Callable, **sampling) -> None:
+    def ask(self, text: str, then: Callable, batch: BatchRun, **sampling) -> None:
         with self._wake:
-            self._queue.append((text, sampling, then))
+            self._queue.append((text, sampling, then, batch))
             self._wake.notify()
 
     def add(self, batch: BatchRun) -> None:
@@ -72,27 +75,48 @@ class Flow:
     def turn(self) -> None:
         from s2d_ray.engine import Completion
 
+        started = time.perf_counter()
         with self._wake:
             starting, self._starting = self._starting, []
         for batch in starting:
-            batch.start()
+            self._active.append(batch)
+            self._call(batch, batch.start)
+        working = [(b, k) for b in self._active for k, left in enumerate(b.open) if left and not b.done.is_set()]
         with self._wake:
             queued, self._queue = self._queue, []
-        for text, sampling, then in queued:
+        for text, sampling, then, batch in queued:
+            if batch.done.is_set():  # failed meanwhile: its requests are dropped
+                continue
             try:
                 rid = self.engine.submit(self.engine.encode(text), self.engine.sampling(**sampling))
             except ValueError as err:  # this prompt alone: too long, or rejected by the engine
-                then(Completion("", 0, str(err)))
+                self._call(batch, then, Completion("", 0, str(err)))
                 continue
-            self._waiting[rid] = then
+            self._waiting[rid] = (then, batch)
         if self._waiting:
             for rid, (completion, *_) in self.engine.step():
-                self._waiting.pop(rid)(completion)
+                then, batch = self._waiting.pop(rid)
+                if not batch.done.is_set():
+                    self._call(batch, then, completion)
+        seconds = time.perf_counter() - started
+        for b, k in working:  # the turn's time, shared by the passes that had work in it
+            b.busy[k] += seconds / len(working)
+        self._active = [b for b in self._active if not b.done.is_set()]
+
+    @staticmethod
+    def _call(batch: BatchRun, fn: Callable, *args) -> None:
+        """A batch's own code: an error there fails that batch, not the engine or the others."""
+        try:
+            fn(*args)
+        except Exception as err:  # noqa: BLE001 (handed to the batch's waiter)
+            batch.fail(err)
 
     def run(self, batch: BatchRun) -> BatchRun:
         """One batch, turned by the caller."""
         self.add(batch)
         while not batch.done.is_set():
+            if self.idle:
+                raise RuntimeError("the dataflow has nothing left to do but its batch is not done")
             self.turn()
         return batch.result()
 
@@ -127,29 +151,29 @@ class PassRun:
 
 class BatchRun:
     """Every pass over every input of one batch, as a dataflow on `flow`. `done` is set
-    when the last input of the last pass is complete; `result()` gives, per pass, each
-    input's samples (in launch order) and its USC selection (or None) and the seconds
-    the pass took."""
+    when the last input of the last pass is complete (or the batch failed); `outputs(k)`
+    gives pass k's samples per input (in launch order), USC selections (or None) and its
+    share of the engine's time."""
 
     def __init__(self, flow: Flow, passes: list[tuple[PassRun, list[dict], list[str]]]):
         self.flow = flow
         self.passes = passes  # (pass, inputs' template values, inputs' keys)
         self.done = threading.Event()
         self.error: BaseException | None = None
-        self._left = sum(len(inputs) for _, inputs, _ in passes)
+        self.open = [len(inputs) for _, inputs, _ in passes]  # inputs not finished, per pass
+        self.busy = [0.0] * len(passes)
         self._out = [[None] * len(inputs) for _, inputs, _ in passes]
-        self._ended = [0.0] * len(passes)
 
     def start(self) -> None:
-        self.started = time.perf_counter()
-        if not self._left:
+        if not any(self.open):
             self.done.set()
         for k, (p, inputs, keys) in enumerate(self.passes):
             for i, values in enumerate(inputs):
                 _InputRun(self, k, i, p, values, keys[i]).launch(p.first)
 
     def fail(self, err: BaseException) -> None:
-        self.error = err
+        if self.error is None:
+            self.error = err
         self.done.set()
 
     def result(self) -> BatchRun:
@@ -159,13 +183,12 @@ class BatchRun:
 
     def outputs(self, k: int) -> tuple[list[list[Sample]], list[Selection | None], float]:
         rows = self._out[k]
-        return [r[0] for r in rows], [r[1] for r in rows], self._ended[k] - self.started
+        return [r[0] for r in rows], [r[1] for r in rows], self.busy[k]
 
     def _finished(self, k: int, i: int, samples: list[Sample], selection: Selection | None) -> None:
         self._out[k][i] = (samples, selection)
-        self._ended[k] = time.perf_counter()
-        self._left -= 1
-        if not self._left:
+        self.open[k] -= 1
+        if not any(self.open):
             self.done.set()
 
 
@@ -181,7 +204,7 @@ class _InputRun:
         self.outstanding += n
         for _ in range(n):
             self.samples.append(None)
-            _run_sample(self.batch.flow, self.p, self.values, partial(self._sample_done, len(self.samples) - 1))
+            _run_sample(self.batch, self.p, self.values, partial(self._sample_done, len(self.samples) - 1))
 
     def _sample_done(self, index: int, sample: Sample) -> None:
         self.samples[index] = sample
@@ -213,10 +236,10 @@ class _InputRun:
             index, how = choose(self.key, len(samples), usc, c.text)
             self.batch._finished(self.k, self.i, samples, Selection(index, how, c.tokens))
 
-        self.batch.flow.ask(usc.prompt, picked, temperature=0.0, top_p=1.0, max_tokens=max_tokens)
+        self.batch.flow.ask(usc.prompt, picked, self.batch, temperature=0.0, top_p=1.0, max_tokens=max_tokens)
 
 
-def _run_sample(flow: Flow, p: PassRun, values: dict, then: Callable[[Sample], None]) -> None:
+def _run_sample(batch: BatchRun, p: PassRun, values: dict, then: Callable[[Sample], None]) -> None:
     """One pass of one sample through the program's steps, each step asked as soon as the
     previous one is back. A fan-out step asks once per item and merges them in order."""
     steps = p.program.steps
@@ -251,7 +274,7 @@ def _run_sample(flow: Flow, p: PassRun, values: dict, then: Callable[[Sample], N
 
         for j, item in enumerate(items):
             prompt = render(st.template, sample.values if item is None else {**sample.values, "item": item})
-            flow.ask(prompt, partial(got, j), **p.sampling)
+            batch.flow.ask(prompt, partial(got, j), batch, **p.sampling)
 
     step(0)
 

@@ -63,6 +63,11 @@ def test_overrides_are_typed(tmp_path):
         ("filter.confidence=0.9", "filter.confidence only applies with adaptive: true"),
         ("bogus=1", "bogus: unknown key"),
         ("sampling.temperature=0", "greedy) makes all 8 samples identical"),
+        ("train.micro_batch_tokens=100", "train.micro_batch_tokens 100 < train.max_seq_len"),
+        ("engine.max_restarts=-1", "engine.max_restarts: Input should be greater than or equal to 0"),
+        ("engine.stall_timeout_s=1", "engine.stall_timeout_s: Input should be greater than or equal to 5"),
+        ("engine.batches_per_engine=0", "engine.batches_per_engine: Input should be greater than or equal to 1"),
+        ("engine.max_num_seqs=0", "engine.max_num_seqs: Input should be greater than or equal to 1"),
     ],
 )
 def test_bad_values_are_one_clear_line(tmp_path, override, message):

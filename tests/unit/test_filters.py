@@ -112,13 +112,25 @@ def test_adaptive_confidence_stops_early_on_easy_inputs():
     assert first_round(8, 0.9) == 3 and first_round(8, None) == 5 and first_round(1, None) == 1
 
 
+def test_window_rule_stops_once_the_last_w_samples_agree():
+    assert first_round(8, None, window=3) == 3 and first_round(2, None, window=3) == 2
+    v = adaptive_vote(["x"] * 3, 8, window=3)
+    assert v.kept and v.answer == "x" and v.total == 3  # 3 samples instead of 5 or more
+    assert adaptive_vote(["y", "x", "x"], 8, window=3) is None  # the window is not unanimous yet
+    v = adaptive_vote(["y", "x", "x", "x"], 8, window=3)
+    assert v.kept and v.answer == "x" and v.count == 3
+    assert adaptive_vote([None, None, None], 8, window=3) is None  # agreeing on nothing is no answer
+    assert adaptive_vote(["x", "y", "y", "y"], 8, min_agreement=0.8, window=3) is None  # 3 of 4 < 80%
+
+
 def test_adaptive_voting_never_uses_more_than_n():
     rng = random.Random(0)
     for _ in range(300):
         n = rng.randint(1, 12)
         confidence = rng.choice([None, 0.8, 0.95])
+        window = rng.choice([None, 2, 4]) if n >= 4 else None
         answers: list = []
-        while adaptive_vote(answers, n, 0.5, confidence) is None:
+        while adaptive_vote(answers, n, 0.5, confidence, window) is None:
             answers.append(rng.choice(["x", "x", "y", None]))
         assert len(answers) <= n
     with pytest.raises(ValueError):
@@ -139,6 +151,7 @@ def test_adaptive_kept_labels_agree_with_fixed_n_on_the_same_samples_without_con
 def test_filter_config_checks():
     from pydantic import ValidationError
 
-    for bad in (dict(name="usc", adaptive=True), dict(confidence=0.9), dict(name="usc", samples=1)):
+    for bad in (dict(name="usc", adaptive=True), dict(confidence=0.9), dict(name="usc", samples=1), dict(window=3),
+                dict(adaptive=True, samples=4, window=5)):  # fmt: skip
         with pytest.raises(ValidationError):
             FilterConfig(**bad)

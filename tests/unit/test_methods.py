@@ -194,3 +194,35 @@ def test_a_step_two_prompt_grown_by_step_one_fails_that_sample_only():
     (samples,), _ = run_pass(engine, one_pass(METHODS["rar2"], 2), [{"question": "q1", "format": "F"}])
     assert all(s.error and s.error.startswith("respond: prompt of ") for s in samples)
     assert all(s.final == "" and s.tokens == {"rephrase": 3, "respond": 0} for s in samples)
+
+
+def test_batches_sharing_an_engine_split_its_time_and_fail_alone(monkeypatch):
+    import itertools
+
+    from s2d_ray.methods import dataflow
+    from s2d_ray.methods.dataflow import BatchRun, Flow
+
+    clock = itertools.count()  # each perf_counter() call: one second later
+    monkeypatch.setattr(dataflow.time, "perf_counter", lambda: float(next(clock)))
+    engine = FakeEngine(per_step=2)
+    flow = Flow(engine)
+    inputs = [{"question": f"q{i}", "format": "F"} for i in range(3)]
+
+    def broken(samples):
+        raise KeyError("a bug in a continuation")
+
+    good = BatchRun(flow, [(one_pass(METHODS["rar2"], 2), inputs, ["a", "b", "c"]),
+                           (one_pass(METHODS["system1"], 1), inputs, ["a", "b", "c"])])  # fmt: skip
+    bad = BatchRun(flow, [(one_pass(METHODS["system1"], 3, first=1, decided=broken), inputs, ["a", "b", "c"])])
+    flow.add(good)
+    flow.add(bad)
+    turns = 0
+    while not (good.done.is_set() and bad.done.is_set()):
+        flow.turn()
+        turns += 1
+    with pytest.raises(KeyError):
+        bad.result()
+    good.result()  # unharmed by the other batch's error
+    assert [len(s) for s in good.outputs(0)[0]] == [2, 2, 2]
+    shares = [good.outputs(0)[2], good.outputs(1)[2], bad.busy[0]]
+    assert all(s > 0 for s in shares) and sum(shares) == pytest.approx(turns)  # every turn's second, once

@@ -65,3 +65,48 @@ def test_the_learning_rate_is_used_from_the_first_step():
 
     assert [lr_factor(s, 0, 3) for s in range(3)] == [1.0, 2 / 3, 1 / 3]  # the paper's 3 last-letter steps
     assert [lr_factor(s, 2, 4) for s in range(4)] == [0.5, 1.0, 1.0, 0.5]
+
+
+def _rows(*lengths):
+    return [([7] * n, [7] * n) for n in lengths]
+
+
+def test_micro_batches_are_cut_from_length_sorted_windows_in_a_seeded_order():
+    from s2d_ray.training import bucketed
+
+    batches = bucketed(_rows(5, 1, 3, 2, 4, 6), size=2, max_tokens=None, seed=0)
+    assert sorted(sorted(len(ids) for ids, _ in b) for b in batches) == [[1, 2], [3, 4], [5, 6]]
+    padded = sum(len(b) * max(len(ids) for ids, _ in b) for b in batches)
+    assert padded == 2 * (2 + 4 + 6) < 2 * (5 + 3 + 6)  # unsorted pairs (5,1) (3,2) (4,6) would pad to 5, 3, 6
+    assert batches == bucketed(_rows(5, 1, 3, 2, 4, 6), size=2, max_tokens=None, seed=0)  # resumable
+    orders = {tuple(len(b[0][0]) for b in bucketed(_rows(*range(1, 17)), 2, None, seed)) for seed in range(5)}
+    assert len(orders) > 1  # the longest rows do not always come last
+
+
+def test_a_token_cap_gives_long_rows_smaller_micro_batches():
+    from s2d_ray.training import bucketed
+
+    batches = bucketed(_rows(10, 10, 10, 30), size=4, max_tokens=40, seed=0)
+    assert sorted(len(b) for b in batches) == [1, 3]  # three rows of 10 (30 tokens), the row of 30 alone
+
+
+def test_a_worker_sees_the_same_micro_batches_on_every_pass_and_cycles():
+    import pandas as pd
+
+    from s2d_ray.config import TrainConfig
+    from s2d_ray.training import micro_batches
+
+    class Shard:
+        def iter_batches(self, batch_size, batch_format, prefetch_batches):
+            rows = _rows(*range(1, 11))
+            for i in range(0, len(rows), batch_size):
+                yield pd.DataFrame({"input_ids": [r[0] for r in rows[i : i + batch_size]],
+                                    "labels": [r[1] for r in rows[i : i + batch_size]]})  # fmt: skip
+
+    cfg = TrainConfig(micro_batch_size=2, bucket_window=2)
+    stream = micro_batches(Shard(), cfg, cycle=False)
+    one_pass = [sorted(len(ids) for ids, _ in b) for b in stream]
+    assert sorted(one_pass) == [[1, 2], [3, 4], [5, 6], [7, 8], [9, 10]]
+    forever = micro_batches(Shard(), cfg, cycle=True)
+    twice = [sorted(len(ids) for ids, _ in next(forever)) for _ in range(10)]
+    assert twice[:5] == one_pass and sorted(twice[5:]) == sorted(one_pass)  # same rows, reshuffled per window
