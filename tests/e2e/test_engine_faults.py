@@ -60,9 +60,24 @@ def test_a_stalled_and_a_killed_engine_are_replaced_and_every_input_lands_once(t
 
 def test_an_engine_that_keeps_dying_fails_the_stage_with_one_line(tmp_path, local_job):
     env = {**os.environ, "S2D_TEST_ENGINE_FAULT": "die"}
-    proc = s2d("generate", str(local_job), "--out", str(tmp_path), *_settings("engine.max_restarts=1"), check=False, env=env)
+    s2d("generate", str(local_job), "--out", str(tmp_path), *_settings("engine.max_restarts=1"), check=False, env=env)
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("s2d: error: engine died 2 times in this stage (engine.max_restarts 1)"), last
     assert "vLLM's engine core died" in last, last
     assert not list((tmp_path / "generate").glob("part-*.parquet"))  # nothing half-done was written
+
+
+def test_prompts_too_long_for_the_context_fail_alone_and_the_run_completes(tmp_path, local_job):
+    # Step 1's prompts (~87 tokens) fit a 100-token context; step 2's, grown by step 1's
+    # output, mostly do not: those samples fail with their reason, the stage goes on.
+    s2d("generate", str(local_job), "--out", str(tmp_path),
+               *overrides("task.train=6", "engine.max_model_len=100", "filter.samples=2", "sampling.max_tokens=24"))  # fmt: skip
+    stage = json.loads((tmp_path / "run.json").read_text())["stages"]["generate"]
+    assert stage["failed"] >= 1 and any(k.startswith("respond: prompt") for k in stage["failure_reasons"]), stage
+    table = pq.read_table(tmp_path / "generate").to_pylist()
+    failed = {r["id"] for r in table if isinstance(r["system2_failure"], str)}
+    assert len(table) == 6 and len(failed) == stage["failed"]
+    assert all(r["system2_failure"].startswith("respond: prompt of ") for r in table if r["id"] in failed)
+    kept = set(pq.read_table(tmp_path / "distill").column("id").to_pylist()) if (tmp_path / "distill").exists() else set()
+    assert not kept & failed  # a failed input never enters the distillation set
