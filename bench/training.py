@@ -182,6 +182,34 @@ def spread(values: list[float]) -> str:
     return f"median {statistics.median(values):.1f} (min {min(values):.1f}, max {max(values):.1f})"
 
 
+def padding_figures() -> dict[str, tuple[float, float]]:
+    """Padding share of micro-batches taken in order against length-bucketed ones, on each
+    local job's training inputs with their gold targets (the embedded model's tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from s2d_ray.config import load_config
+    from s2d_ray.models import resolve_model
+    from s2d_ray.training import bucketed, encode
+
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model("smollm2", None)))
+    out = {}
+    for job in sorted((ROOT / "jobs" / "local").glob("*.yaml")):
+        cfg = load_config(job, [])
+        t = cfg.train
+        rows = [encode(tokenizer, e.question, cfg.task.target(e.answer), t.max_seq_len)
+                for e in cfg.task.examples("train") if e.answer is not None]  # fmt: skip
+        size, window = t.micro_batch_size, t.micro_batch_size * t.bucket_window
+        in_order = [rows[i : i + size] for i in range(0, len(rows), size)]
+        buckets = [b for i in range(0, len(rows), window) for b in bucketed(rows[i : i + window], size, None, 0)]
+
+        def share(batches) -> float:
+            real = sum(len(ids) for b in batches for ids, _ in b)
+            return 1 - real / sum(len(b) * max(len(ids) for ids, _ in b) for b in batches)
+
+        out[job.stem] = (share(in_order), share(buckets))
+    return out
+
+
 def cpu_mode(args) -> None:
     """s2d's ZeRO-3 step on one CPU rank against a plain torch loop: same model, data,
     steps and dtype, alternating, repeated."""
@@ -197,8 +225,14 @@ def cpu_mode(args) -> None:
           f"{args.repeat} alternating runs each (tokens/s, non-padding):")  # fmt: skip
     print(f"  plain torch loop  {spread(p)}")
     print(f"  s2d ZeRO-3        {spread(z)}")
+    padding = padding_figures()
+    print("padding share of micro-batches, in order -> length-bucketed (local jobs' train inputs, gold targets):")
+    for job, (before, after) in padding.items():
+        print(f"  {job:<20} {before:6.1%} -> {after:6.1%}")
+    worst = max(padding, key=lambda j: padding[j][0])
     print(f"RESULT device=cpu shape={args.shape} zero3_tps={statistics.median(z):.1f} "
-          f"plain_tps={statistics.median(p):.1f} ratio_zero3_plain={ratio:.3f}")  # fmt: skip
+          f"plain_tps={statistics.median(p):.1f} ratio_zero3_plain={ratio:.3f} "
+          f"padding_in_order_{worst}={padding[worst][0]:.3f} padding_bucketed_{worst}={padding[worst][1]:.3f}")  # fmt: skip
 
 
 def cuda_mode(args) -> None:
