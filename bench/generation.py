@@ -89,12 +89,10 @@ class RawEngine:
 
 def s2d_side(cfg, examples, passes, model: str) -> int:
     from s2d_ray.generation import load_results, run_passes
+    from s2d_ray.pipeline import engine_stage
 
     with tempfile.TemporaryDirectory() as tmp:
-        run_passes(
-            examples, passes, task=cfg.task, model_path=model, engine=cfg.engine, dtype=cfg.model.dtype,
-            seed=cfg.sampling.seed, out_dir=Path(tmp) / "out", log=lambda m: None,
-        )  # fmt: skip
+        run_passes(examples, engine_stage(cfg, model, passes), Path(tmp) / "out", log=lambda m: None)
         table = load_results(Path(tmp) / "out")
         return sum(sum(table.column(f"{p.label}_tokens").to_pylist()) for p in passes)
 

@@ -52,6 +52,21 @@ class Pass:
     adaptive: tuple[float, float | None, int, int | None] | None = None
 
 
+@dataclass(frozen=True)
+class EngineStage:
+    """Everything one stage's engines need, in one object (as a Ray Data LLM stage is
+    described by one config): the model, how to run it, the task and the passes, and the
+    vote to apply to each generated row (None: rows are written as generated)."""
+
+    model_path: str
+    engine: EngineConfig
+    dtype: str
+    seed: int
+    task: Task
+    passes: tuple[Pass, ...]
+    vote: dict | None = None
+
+
 class EngineFailed(S2DError):
     """Engines died more often than `engine.max_restarts` allows in one stage."""
 
@@ -114,7 +129,7 @@ class GeneratorActor:
     Every restart is counted by the stage's `EngineHealth`; past `engine.max_restarts` the
     restarted actor refuses to start and the stage fails with that line."""
 
-    def __init__(self, model_path: str, engine: EngineConfig, dtype: str, seed: int, task: Task, passes, health=None):
+    def __init__(self, stage: EngineStage, health=None):
         import ray
 
         from s2d_ray.engine import Engine
@@ -136,14 +151,13 @@ class GeneratorActor:
             if failure:
                 raise EngineFailed(failure)
         pin_assigned_gpus()
+        engine = stage.engine
         if not runs_on_cpu(engine.device):
             _before_gpu_engine(engine)
-        self.engine = Engine(model_path, engine, dtype=dtype, seed=seed)
+        self.engine = Engine(stage.model_path, engine, dtype=stage.dtype, seed=stage.seed)
         limits = ", ".join(f"{k} {v}" for k, v in self.engine.limits.items())
         print(f"engine on node {self.node[:8]}: vLLM uses {limits}", flush=True)
-        self.max_model_len = engine.max_model_len
-        self.task = task
-        self.passes = passes
+        self.stage = stage
         # One thread turns the engine for every batch this actor holds (Ray Data hands it
         # engine.batches_per_engine at once): a batch's tail never leaves the engine idle.
         self.flow = Flow(self.engine)
@@ -155,7 +169,8 @@ class GeneratorActor:
             threading.Thread(target=self._watch, args=(engine.stall_timeout_s,), daemon=True).start()
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        out = run_batch(self.flow, self.task, self.passes, batch, self.max_model_len, wait=self._wait)
+        stage = self.stage
+        out = run_batch(self.flow, stage.task, list(stage.passes), batch, stage.engine.max_model_len, wait=self._wait)
         out["engine_node"] = self.node  # where each row was generated (elastic runs, debugging)
         return out
 
@@ -238,9 +253,11 @@ def pass_run(p: Pass, task: Task, max_model_len: int):
         min_agreement, confidence, round_size, window = p.adaptive
         first = first_round(p.samples, confidence, window)
 
-        def decided(samples) -> bool:
+        def stop(samples) -> bool:
             answers = [task.extract(s.final) for s in samples]
             return adaptive_vote(answers, p.samples, min_agreement, confidence, window) is not None
+
+        decided = stop
 
     return PassRun(
         program=p.program, samples=p.samples, first=first, round_size=round_size, decided=decided,
@@ -394,21 +411,19 @@ def batch_rows(inputs: int, engine: EngineConfig) -> int:
     return max(1, min(engine.batch_size, math.ceil(inputs / (per_engine * engine.concurrency[1]))))
 
 
-def generation_dataset(todo: list[Example], passes: list[Pass], *, task: Task, model_path, engine: EngineConfig,
-                       dtype: str, seed: int, vote: dict | None = None, tag: str = "", health=None):  # fmt: skip
+def generation_dataset(todo: list[Example], stage: EngineStage, *, tag: str = "", health=None):
     """The lazy Ray Data pipeline: inputs -> GeneratorActor pool (autoscaling min..max) -> vote.
     `health` (an EngineHealth actor) counts the pool's engine deaths."""
     import ray
 
+    engine = stage.engine
     lo, hi = engine.concurrency
     size = batch_rows(len(todo), engine)
     ds = ray.data.from_items(_rows(todo), override_num_blocks=math.ceil(len(todo) / size))
     k = engine.batches_per_engine
     ds = ds.map_batches(
         GeneratorActor,
-        fn_constructor_kwargs=dict(
-            model_path=str(model_path), engine=engine, dtype=dtype, seed=seed, task=task, passes=passes, health=health
-        ),
+        fn_constructor_kwargs=dict(stage=stage, health=health),
         batch_size=size,
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(
@@ -419,9 +434,9 @@ def generation_dataset(todo: list[Example], passes: list[Pass], *, task: Task, m
         ),  # fmt: skip
         **engine_remote_args(engine, engine_env(engine), tag),
     )
-    if vote is not None:
+    if stage.vote is not None:
         # Voting is cheap bookkeeping: it must never wait for a CPU the engines hold.
-        ds = ds.map_batches(vote_batch, fn_kwargs={**vote, "task": task}, batch_format="pandas", num_cpus=0)
+        ds = ds.map_batches(vote_batch, fn_kwargs={**stage.vote, "task": stage.task}, batch_format="pandas", num_cpus=0)
     return ds
 
 
@@ -465,7 +480,7 @@ def _write_and_keep(block: pa.Table, writer) -> pa.Table:
     return distill_rows(block)
 
 
-def distillation_stream(todo: list[Example], passes: list[Pass], out_dir: Path, earlier: pa.Table | None, tag: str, **kw):
+def distillation_stream(todo: list[Example], stage: EngineStage, out_dir: Path, earlier: pa.Table | None, tag: str, health=None):
     """Streaming mode: the generation pipeline whose voted blocks are written to `out_dir`
     as they finish and whose kept rows flow on to the trainer (plus `earlier` kept rows
     of a resumed run). Its engines' placement groups carry `tag` (release them after)."""
@@ -480,27 +495,14 @@ def distillation_stream(todo: list[Example], passes: list[Pass], out_dir: Path, 
     if earlier is not None and earlier.num_rows:
         parts.append(ray.data.from_arrow(earlier))
     if todo:
-        ds = generation_dataset(todo, passes, **kw, tag=tag)
+        ds = generation_dataset(todo, stage, tag=tag, health=health)
         parts.append(ds.map_batches(_write_and_keep, fn_kwargs={"writer": writer}, batch_format="pyarrow", batch_size=None, num_cpus=0))
     if not parts:
         return ray.data.from_arrow(DISTILL_SCHEMA.empty_table())
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
-def run_passes(
-    examples: list[Example],
-    passes: list[Pass],
-    *,
-    task: Task,
-    model_path: str,
-    engine: EngineConfig,
-    dtype: str,
-    seed: int,
-    out_dir: Path,
-    vote: dict | None = None,
-    budget=None,
-    log=print,
-) -> dict:
+def run_passes(examples: list[Example], stage: EngineStage, out_dir: Path, *, budget=None, log=print) -> dict:
     """Generate every example not yet in `out_dir`; returns what this call did.
 
     `budget(tokens, seconds)`, if given, is asked after every written part (tokens: all
@@ -515,7 +517,8 @@ def run_passes(
     started = time.perf_counter()
     written = 0
     restarts: list[str] = []
-    token_columns = [f"{p.label}_tokens" for p in passes]
+    engine = stage.engine
+    token_columns = [f"{p.label}_tokens" for p in stage.passes]
     spent = _tokens(read_parts(out_dir, columns=token_columns), token_columns) if done else 0
     stopped = budget(spent, 0.0) if budget and todo else None
     if todo and not stopped:
@@ -523,10 +526,7 @@ def run_passes(
         health = engine_health(engine)
         log(f"generate: {len(todo)} inputs in batches of {batch_rows(len(todo), engine)}, up to "
             f"{engine.concurrency[1]} engine(s) holding {engine.batches_per_engine} batch(es) each")  # fmt: skip
-        ds = generation_dataset(
-            todo, passes, task=task, model_path=model_path, engine=engine, dtype=dtype, seed=seed, vote=vote, tag=tag,
-            health=health,
-        )  # fmt: skip
+        ds = generation_dataset(todo, stage, tag=tag, health=health)
         try:
             for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 if block.num_rows:

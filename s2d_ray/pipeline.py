@@ -22,8 +22,8 @@ import pyarrow as pa
 from s2d_ray.config import JobConfig, config_dict
 from s2d_ray.errors import S2DError
 from s2d_ray.evaluation import distillability, score_pass
-from s2d_ray.generation import Pass, distill_rows, drop_failed, finished_ids, load_results, run_passes
-from s2d_ray.methods import METHODS, Program
+from s2d_ray.generation import EngineStage, Pass, distill_rows, drop_failed, finished_ids, load_results, run_passes
+from s2d_ray.methods import Program
 from s2d_ray.models import resolve_model
 from s2d_ray.placement import release_engine_groups
 from s2d_ray.report import write_report
@@ -74,15 +74,21 @@ def _record(cfg: JobConfig, run: RunDir, stage: str, data: dict) -> None:
     )
 
 
+def engine_stage(cfg: JobConfig, model: Path | str, passes: list[Pass], vote: bool = False) -> EngineStage:
+    """The job's engine settings for `passes` on `model`; `vote`: apply the job's filter."""
+    return EngineStage(
+        model_path=str(model), engine=cfg.engine, dtype=cfg.model.dtype, seed=cfg.sampling.seed, task=cfg.task,
+        passes=tuple(passes), vote={"label": "system2", "filt": cfg.filter} if vote else None,
+    )  # fmt: skip
+
+
 def generate(cfg: JobConfig, run: RunDir, log=print, retry_failed: bool = False) -> dict:
     from s2d_ray.cluster import ray_session
 
     model = resolve_model(cfg.model.name, cfg.model.path)
     examples = cfg.task.examples("train")
     program = cfg.program(cfg.method.name)
-    s = cfg.sampling
     passes = generation_passes(cfg, program)
-    vote = {"label": "system2", "filt": cfg.filter}
     settings = _check_resumable(cfg, run, program)
     start_run(cfg, run)  # only now: a refused command leaves run.json as it was
     atomic_write_json(run.generate / SETTINGS, settings)
@@ -91,11 +97,7 @@ def generate(cfg: JobConfig, run: RunDir, log=print, retry_failed: bool = False)
     log(f"generate: {len(examples)} inputs x {cfg.filter.samples} samples of {program.name} ({len(program.steps)} steps)")
     started = time.perf_counter()
     with ray_session(cfg):
-        did = run_passes(
-            examples, passes, task=cfg.task, model_path=str(model), engine=cfg.engine,
-            dtype=cfg.model.dtype, seed=s.seed, out_dir=run.generate, vote=vote, log=log,
-            budget=_budget(cfg, run),
-        )  # fmt: skip
+        did = run_passes(examples, engine_stage(cfg, model, passes, vote=True), run.generate, budget=_budget(cfg, run), log=log)
     extra = {"generated_now": did["generated"], "resumed": did["skipped"], "engine_restarts": len(did["engine_restarts"])}
     return _finish_generation(cfg, run, examples, passes, started, log, budget_stop=did["budget_stop"], **extra)
 
@@ -315,10 +317,9 @@ def evaluate(cfg: JobConfig, run: RunDir, log=print) -> dict:
     started = time.perf_counter()
     results: dict[str, dict] = {}
     tokens = 0
-    common = dict(task=cfg.task, engine=cfg.engine, dtype=cfg.model.dtype, seed=cfg.sampling.seed, log=log)
     with ray_session(cfg):
         log(f"eval: base model, {len(examples)} {cfg.eval.split} inputs: {', '.join(p.label for p in base)}")
-        table = _eval_pass(run, "base", examples, base, str(model), common, log=log)
+        table = _eval_pass(run, "base", examples, engine_stage(cfg, model, base), log=log)
         tokens += sum(sum(table.column(f"{p.label}_tokens").to_pylist()) for p in base)
         for label in ("system1", "system2") if cfg.eval.system2 else ("system1",):
             results[label] = score_pass(table, label, cfg.task, swapped=swap)
@@ -329,7 +330,7 @@ def evaluate(cfg: JobConfig, run: RunDir, log=print) -> dict:
             trained = json.loads(marker.read_text()).get("trained_id") if marker.exists() else None
             # Without the marker (a model of unknown origin) it is always evaluated afresh.
             model_id = {"trained": trained} if trained else {"unknown": uuid.uuid4().hex}
-            table = _eval_pass(run, "distilled", examples, distilled, str(run.model), common, model_id, log)
+            table = _eval_pass(run, "distilled", examples, engine_stage(cfg, run.model, distilled), model_id, log)
             tokens += sum(sum(table.column(f"{p.label}_tokens").to_pylist()) for p in distilled)
             results["distilled"] = score_pass(table, "distilled", cfg.task, swapped=swap)
         else:
@@ -347,18 +348,18 @@ def evaluate(cfg: JobConfig, run: RunDir, log=print) -> dict:
 EVAL_SOURCE = "_source.json"  # in eval/<name>/: what produced its rows ("_": Parquet readers skip it)
 
 
-def _eval_pass(run: RunDir, name: str, examples, passes, model_path: str, common: dict, model_id=None, log=print) -> pa.Table:
+def _eval_pass(run: RunDir, name: str, examples, stage: EngineStage, model_id=None, log=print) -> pa.Table:
     """One evaluated system's rows in eval/<name>/, replaced only once complete. A rerun
     reuses them when the same model, prompts, settings and inputs produced them (an
     evaluation interrupted after System 1 and System 2 does not redo them); anything
     else evaluates afresh."""
     inputs = hashlib.sha256(json.dumps(sorted((e.id, e.question, e.answer) for e in examples)).encode()).hexdigest()
     source = {
-        "model": model_id if model_id is not None else [model_path, weight_files(model_path)],
-        "passes": [[p.label, p.program.prompts(), p.max_tokens, p.perturbed] for p in passes],
+        "model": model_id if model_id is not None else [stage.model_path, weight_files(stage.model_path)],
+        "passes": [[p.label, p.program.prompts(), p.max_tokens, p.perturbed] for p in stage.passes],
         "inputs": inputs,
-        "engine": [common["dtype"], common["engine"].max_model_len],
-        "task": common["task"].model_dump(mode="json"),
+        "engine": [stage.dtype, stage.engine.max_model_len],
+        "task": stage.task.model_dump(mode="json"),
     }
     final = run.eval_dir / name
     try:
@@ -370,7 +371,7 @@ def _eval_pass(run: RunDir, name: str, examples, passes, model_path: str, common
         return load_results(final)
     run.eval_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=run.eval_dir, prefix=f".{name}."))
-    run_passes(examples, passes, model_path=model_path, out_dir=tmp, **common)
+    run_passes(examples, stage, tmp, log=log)
     atomic_write_json(tmp / EVAL_SOURCE, source)
     replace_dir(tmp, final)
     return load_results(final)
@@ -409,11 +410,9 @@ def generate_and_train(cfg: JobConfig, run: RunDir, log=print) -> dict:
     tag = uuid.uuid4().hex[:8]
     with ray_session(cfg):
         health = engine_health(cfg.engine)
-        stream = distillation_stream(
-            todo, passes, run.generate, distill_rows(earlier) if earlier is not None else None, tag,
-            task=cfg.task, model_path=str(model), engine=cfg.engine, dtype=cfg.model.dtype, seed=cfg.sampling.seed,
-            vote={"label": "system2", "filt": cfg.filter}, health=health,
-        )  # fmt: skip
+        stage = engine_stage(cfg, model, passes, vote=True)
+        earlier_rows = distill_rows(earlier) if earlier is not None else None
+        stream = distillation_stream(todo, stage, run.generate, earlier_rows, tag, health=health)
         empty = None
         try:
             tstats = training.train_stream(stream, model, run.model, run.ray_train, cfg.train, log=log)
@@ -433,10 +432,7 @@ def generate_and_train(cfg: JobConfig, run: RunDir, log=print) -> dict:
         left = [e for e in examples if e.id not in finished_ids(run.generate)]
         if left:
             log(f"generate: {len(left)} inputs after training stopped (train.steps reached); not trained on")
-            run_passes(
-                left, passes, task=cfg.task, model_path=str(model), engine=cfg.engine, dtype=cfg.model.dtype,
-                seed=cfg.sampling.seed, out_dir=run.generate, vote={"label": "system2", "filt": cfg.filter}, log=log,
-            )  # fmt: skip
+            run_passes(left, stage, run.generate, log=log)
         restarts = len(ray.get(health.restarts.remote()))
         _finish_generation(cfg, run, examples, passes, started, log, streaming=True, generated_now=len(todo),
                            resumed=len(done), engine_restarts=restarts)  # fmt: skip

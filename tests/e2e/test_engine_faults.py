@@ -60,7 +60,7 @@ def test_a_stalled_and_a_killed_engine_are_replaced_and_every_input_lands_once(t
 
 def test_an_engine_that_keeps_dying_fails_the_stage_with_one_line(tmp_path, local_job):
     env = {**os.environ, "S2D_TEST_ENGINE_FAULT": "die"}
-    s2d("generate", str(local_job), "--out", str(tmp_path), *_settings("engine.max_restarts=1"), check=False, env=env)
+    proc = s2d("generate", str(local_job), "--out", str(tmp_path), *_settings("engine.max_restarts=1"), check=False, env=env)
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("s2d: error: engine died 2 times in this stage (engine.max_restarts 1)"), last

@@ -1,7 +1,6 @@
 """Every method and every filter's generation path on the real vLLM engine and SmolLM2,
 at tiny scale: each sample ends in a parsed answer or a recorded parse failure."""
 
-import json
 
 import pandas as pd
 import pytest

@@ -5,7 +5,6 @@ installed, else with transformers' greedy decoding on the GPU."""
 
 import json
 
-import pytest
 
 from tests.conftest import s2d
 from tests.gpu.conftest import LOCAL_JOB, PAIRS, cuda_vllm, learning_settings, needs_cuda, write_learning_set
