@@ -125,6 +125,23 @@ def report(run_dir):
     click.echo(f"report: {rd.report_html}")
 
 
+@cli.command(name="runs")
+@click.argument("folder", required=False, default="runs", type=click.Path(file_okay=False))
+def runs_(folder):
+    """A table of every run directory under FOLDER (default: runs/), and FOLDER/index.html
+    linking every report, with one metric-vs-tokens plot across runs."""
+    from pathlib import Path
+
+    from s2d_ray.runs import list_runs, table_text
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise S2DError(f"{folder}: no such folder (s2d run makes run directories under runs/ by default)")
+    rows, index = list_runs(root)
+    click.echo(table_text(rows) if rows else f"no run directories under {folder}")
+    click.echo(f"index: {index}")
+
+
 @cli.command()
 @JOB
 @SET
