@@ -129,7 +129,7 @@ class GeneratorActor:
     Every restart is counted by the stage's `EngineHealth`; past `engine.max_restarts` the
     restarted actor refuses to start and the stage fails with that line."""
 
-    def __init__(self, stage: EngineStage, health=None):
+    def __init__(self, stage: EngineStage, health=None, also: tuple[EngineStage, ...] = ()):
         import ray
 
         from s2d_ray.engine import Engine
@@ -157,7 +157,7 @@ class GeneratorActor:
         self.engine = Engine(stage.model_path, engine, dtype=stage.dtype, seed=stage.seed)
         limits = ", ".join(f"{k} {v}" for k, v in self.engine.limits.items())
         print(f"engine on node {self.node[:8]}: vLLM uses {limits}", flush=True)
-        self.stage = stage
+        self.stages = (stage, *also)  # a batch's `job` column picks one (same model and engine)
         # One thread turns the engine for every batch this actor holds (Ray Data hands it
         # engine.batches_per_engine at once): a batch's tail never leaves the engine idle.
         self.flow = Flow(self.engine)
@@ -169,7 +169,7 @@ class GeneratorActor:
             threading.Thread(target=self._watch, args=(engine.stall_timeout_s,), daemon=True).start()
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        stage = self.stage
+        stage = self.stages[_job(batch)]
         out = run_batch(self.flow, stage.task, list(stage.passes), batch, stage.engine.max_model_len, wait=self._wait)
         out["engine_node"] = self.node  # where each row was generated (elastic runs, debugging)
         return out
@@ -411,20 +411,48 @@ def batch_rows(inputs: int, engine: EngineConfig) -> int:
     return max(1, min(engine.batch_size, math.ceil(inputs / (per_engine * engine.concurrency[1]))))
 
 
-def generation_dataset(todo: list[Example], stage: EngineStage, *, tag: str = "", health=None):
+def _job(batch: pd.DataFrame) -> int:
+    """Which stage of a shared pipeline a batch belongs to (every batch holds one)."""
+    if "job" not in batch.columns:
+        return 0
+    jobs = set(batch["job"].tolist())
+    if len(jobs) != 1:
+        raise RuntimeError(f"a batch mixes the rows of stages {sorted(jobs)}")
+    return int(jobs.pop())
+
+
+def vote_jobs(batch: pd.DataFrame, votes: list[dict | None], task: Task) -> pd.DataFrame:
+    vote = votes[_job(batch)]
+    return vote_batch(batch, **vote, task=task) if vote is not None else batch
+
+
+def generation_dataset(todo: list[Example], stage: EngineStage, *, tag: str = "", health=None,
+                       also: list[tuple[list[Example], EngineStage]] = ()):  # fmt: skip
     """The lazy Ray Data pipeline: inputs -> GeneratorActor pool (autoscaling min..max) -> vote.
-    `health` (an EngineHealth actor) counts the pool's engine deaths."""
+    `health` (an EngineHealth actor) counts the pool's engine deaths.
+
+    `also`: more stages on the same model and engine settings (base-model evaluation in
+    `s2d run`), run by the same engines: their rows carry a `job` column (1, 2, ...), each
+    block holds one stage's rows and is one batch."""
     import ray
 
     engine = stage.engine
     lo, hi = engine.concurrency
-    size = batch_rows(len(todo), engine)
-    ds = ray.data.from_items(_rows(todo), override_num_blocks=math.ceil(len(todo) / size))
+    jobs = [(todo, stage), *also]
+    size = batch_rows(sum(len(t) for t, _ in jobs), engine)
+    if also:
+        parts = [
+            ray.data.from_items([{**r, "job": j} for r in _rows(t)], override_num_blocks=math.ceil(len(t) / size))
+            for j, (t, _) in enumerate(jobs) if t
+        ]  # fmt: skip
+        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    else:
+        ds = ray.data.from_items(_rows(todo), override_num_blocks=math.ceil(len(todo) / size))
     k = engine.batches_per_engine
     ds = ds.map_batches(
         GeneratorActor,
-        fn_constructor_kwargs=dict(stage=stage, health=health),
-        batch_size=size,
+        fn_constructor_kwargs=dict(stage=stage, health=health, also=tuple(s for _, s in also)),
+        batch_size=None if also else size,  # with `also`: a block is a batch, one stage's rows
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(
             min_size=lo, max_size=hi, max_concurrent_calls_per_actor=k, enable_true_multi_threading=k > 1,
@@ -434,8 +462,12 @@ def generation_dataset(todo: list[Example], stage: EngineStage, *, tag: str = ""
         ),  # fmt: skip
         **engine_remote_args(engine, engine_env(engine), tag),
     )
-    if stage.vote is not None:
-        # Voting is cheap bookkeeping: it must never wait for a CPU the engines hold.
+    votes = [s.vote for _, s in jobs]
+    # Voting is cheap bookkeeping: it must never wait for a CPU the engines hold.
+    if also and any(v is not None for v in votes):
+        ds = ds.map_batches(vote_jobs, fn_kwargs={"votes": votes, "task": stage.task}, batch_size=None,
+                            batch_format="pandas", num_cpus=0)  # fmt: skip
+    elif stage.vote is not None:
         ds = ds.map_batches(vote_batch, fn_kwargs={**stage.vote, "task": stage.task}, batch_format="pandas", num_cpus=0)
     return ds
 
@@ -502,16 +534,21 @@ def distillation_stream(todo: list[Example], stage: EngineStage, out_dir: Path, 
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
-def run_passes(examples: list[Example], stage: EngineStage, out_dir: Path, *, budget=None, log=print) -> dict:
+def run_passes(examples: list[Example], stage: EngineStage, out_dir: Path, *, budget=None, log=print,
+               also: list[tuple[list[Example], EngineStage, Path]] = ()) -> dict:  # fmt: skip
     """Generate every example not yet in `out_dir`; returns what this call did.
 
     `budget(tokens, seconds)`, if given, is asked after every written part (tokens: all
     generated so far in `out_dir`, seconds: this call's) and returns a reason to stop
-    or None; generation then stops cleanly, keeping every part already written."""
+    or None; generation then stops cleanly, keeping every part already written.
+
+    `also`: (examples, stage, folder) run by the same engines in the same pipeline, their
+    rows written to their own folders; `also_complete` says which of them finished."""
     import ray
 
     done = finished_ids(out_dir)
     todo = [e for e in examples if e.id not in done]
+    extra = [([e for e in ex if e.id not in finished_ids(folder)], st, folder) for ex, st, folder in also]
     if done:
         log(f"resuming: {len(done)} inputs already in {out_dir.name}/, {len(todo)} to generate")
     started = time.perf_counter()
@@ -521,14 +558,24 @@ def run_passes(examples: list[Example], stage: EngineStage, out_dir: Path, *, bu
     token_columns = [f"{p.label}_tokens" for p in stage.passes]
     spent = _tokens(read_parts(out_dir, columns=token_columns), token_columns) if done else 0
     stopped = budget(spent, 0.0) if budget and todo else None
-    if todo and not stopped:
+    if (todo or any(t for t, _, _ in extra)) and not stopped:
         tag = uuid.uuid4().hex[:8]
         health = engine_health(engine)
-        log(f"generate: {len(todo)} inputs in batches of {batch_rows(len(todo), engine)}, up to "
-            f"{engine.concurrency[1]} engine(s) holding {engine.batches_per_engine} batch(es) each")  # fmt: skip
-        ds = generation_dataset(todo, stage, tag=tag, health=health)
+        total = len(todo) + sum(len(t) for t, _, _ in extra)
+        log(f"generate: {len(todo)} inputs" + "".join(f" (and {len(t)} of {f.parent.name}/ with the same engines)"
+                                                      for t, _, f in extra if t)
+            + f" in batches of {batch_rows(total, engine)}, up to {engine.concurrency[1]} engine(s) holding "
+            f"{engine.batches_per_engine} batch(es) each")  # fmt: skip
+        ds = generation_dataset(todo, stage, tag=tag, health=health, also=[(t, st) for t, st, _ in extra])
         try:
             for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                job = 0
+                if "job" in block.column_names:
+                    job = _job(block.select(["job"]).to_pandas()) if block.num_rows else 0
+                    block = block.drop_columns(["job"])
+                if job and block.num_rows:
+                    write_part(extra[job - 1][2], _uniform(block))
+                    continue
                 if block.num_rows:
                     write_part(out_dir, _uniform(block))
                     written += block.num_rows
@@ -551,6 +598,7 @@ def run_passes(examples: list[Example], stage: EngineStage, out_dir: Path, *, bu
     return {
         "generated": written, "skipped": len(done), "seconds": time.perf_counter() - started,
         "tokens": spent, "budget_stop": stopped, "engine_restarts": restarts,
+        "also_complete": [not stopped and finished_ids(f) >= {e.id for e in ex} for ex, _, f in also],
     }  # fmt: skip
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import time
 import uuid
 from collections import Counter
+from functools import partial
 from importlib import metadata
 
 import pyarrow as pa
@@ -82,7 +83,10 @@ def engine_stage(cfg: JobConfig, model: Path | str, passes: list[Pass], vote: bo
     )  # fmt: skip
 
 
-def generate(cfg: JobConfig, run: RunDir, log=print, retry_failed: bool = False) -> dict:
+def generate(cfg: JobConfig, run: RunDir, log=print, retry_failed: bool = False, with_base_eval: bool = False) -> dict:
+    """`with_base_eval` (`s2d run`): the base model's evaluation runs on the generation
+    engines, beside generation, into eval/base/; `evaluate` then reuses it instead of
+    starting the same model's engine again."""
     from s2d_ray.cluster import ray_session
 
     model = resolve_model(cfg.model.name, cfg.model.path)
@@ -97,7 +101,21 @@ def generate(cfg: JobConfig, run: RunDir, log=print, retry_failed: bool = False)
     log(f"generate: {len(examples)} inputs x {cfg.filter.samples} samples of {program.name} ({len(program.steps)} steps)")
     started = time.perf_counter()
     with ray_session(cfg):
-        did = run_passes(examples, engine_stage(cfg, model, passes, vote=True), run.generate, budget=_budget(cfg, run), log=log)
+        also, base = [], None
+        if with_base_eval:
+            test = eval_examples(cfg)
+            stage = engine_stage(cfg, model, base_eval_passes(cfg))
+            source = _eval_source(test, stage)
+            if not _reusable(run, "base", source):
+                base = (_eval_folder(run, "base"), source)
+                also = [(test, stage, base[0])]
+        did = run_passes(examples, engine_stage(cfg, model, passes, vote=True), run.generate, budget=_budget(cfg, run),
+                         log=log, also=also)  # fmt: skip
+        if base is not None:
+            if did["also_complete"][0]:
+                _install_eval(run, "base", *base)
+            else:  # stopped by the budget: evaluation will run it on its own
+                shutil.rmtree(base[0], ignore_errors=True)
     extra = {"generated_now": did["generated"], "resumed": did["skipped"], "engine_restarts": len(did["engine_restarts"])}
     return _finish_generation(cfg, run, examples, passes, started, log, budget_stop=did["budget_stop"], **extra)
 
@@ -295,25 +313,36 @@ def train(cfg: JobConfig, run: RunDir, log=print) -> dict:
     return stats
 
 
-def evaluate(cfg: JobConfig, run: RunDir, log=print) -> dict:
-    from s2d_ray.cluster import ray_session
-
-    run.create()
-    model = resolve_model(cfg.model.name, cfg.model.path)
+def eval_examples(cfg: JobConfig) -> list:
     examples = cfg.task.examples(cfg.eval.split)
     if not examples:
         raise S2DError(f"eval.split {cfg.eval.split!r} has no examples")
     unlabeled = sum(e.answer is None for e in examples)
     if unlabeled:
         raise S2DError(f"eval.split {cfg.eval.split!r}: {unlabeled} of {len(examples)} inputs have no label to score against")
+    return examples
+
+
+def eval_passes(cfg: JobConfig, label: str, method: str) -> list[Pass]:
+    """Greedy, one sample; pairwise judging is also judged with A and B swapped."""
     greedy = dict(samples=1, temperature=0.0, top_p=1.0, max_tokens=cfg.eval.max_tokens)
-    swap = cfg.task.has_perturbation  # pairwise judging: also judge with A and B swapped
+    out = [Pass(label, cfg.program(method), **greedy)]
+    return out + [Pass(f"{label}_swapped", cfg.program(method), **greedy, perturbed=True)] if cfg.task.has_perturbation else out
 
-    def passes(label: str, method: str) -> list[Pass]:
-        out = [Pass(label, cfg.program(method), **greedy)]
-        return out + [Pass(f"{label}_swapped", cfg.program(method), **greedy, perturbed=True)] if swap else out
 
-    base = passes("system1", "system1") + (passes("system2", cfg.method.name) if cfg.eval.system2 else [])
+def base_eval_passes(cfg: JobConfig) -> list[Pass]:
+    return eval_passes(cfg, "system1", "system1") + (eval_passes(cfg, "system2", cfg.method.name) if cfg.eval.system2 else [])
+
+
+def evaluate(cfg: JobConfig, run: RunDir, log=print) -> dict:
+    from s2d_ray.cluster import ray_session
+
+    run.create()
+    model = resolve_model(cfg.model.name, cfg.model.path)
+    examples = eval_examples(cfg)
+    swap = cfg.task.has_perturbation
+    passes = partial(eval_passes, cfg)
+    base = base_eval_passes(cfg)
     started = time.perf_counter()
     results: dict[str, dict] = {}
     tokens = 0
@@ -348,11 +377,8 @@ def evaluate(cfg: JobConfig, run: RunDir, log=print) -> dict:
 EVAL_SOURCE = "_source.json"  # in eval/<name>/: what produced its rows ("_": Parquet readers skip it)
 
 
-def _eval_pass(run: RunDir, name: str, examples, stage: EngineStage, model_id=None, log=print) -> pa.Table:
-    """One evaluated system's rows in eval/<name>/, replaced only once complete. A rerun
-    reuses them when the same model, prompts, settings and inputs produced them (an
-    evaluation interrupted after System 1 and System 2 does not redo them); anything
-    else evaluates afresh."""
+def _eval_source(examples, stage: EngineStage, model_id=None) -> dict:
+    """What produced a system's evaluation rows: a rerun reuses them only if it matches."""
     inputs = hashlib.sha256(json.dumps(sorted((e.id, e.question, e.answer) for e in examples)).encode()).hexdigest()
     source = {
         "model": model_id if model_id is not None else [stage.model_path, weight_files(stage.model_path)],
@@ -361,20 +387,41 @@ def _eval_pass(run: RunDir, name: str, examples, stage: EngineStage, model_id=No
         "engine": [stage.dtype, stage.engine.max_model_len],
         "task": stage.task.model_dump(mode="json"),
     }
-    final = run.eval_dir / name
+    return json.loads(json.dumps(source))
+
+
+def _reusable(run: RunDir, name: str, source: dict) -> bool:
     try:
-        reusable = json.loads((final / EVAL_SOURCE).read_text()) == json.loads(json.dumps(source))
+        return json.loads((run.eval_dir / name / EVAL_SOURCE).read_text()) == source
     except (OSError, ValueError):
-        reusable = False
-    if reusable:
-        log(f"eval: {name} was already evaluated on these inputs with this model; reusing eval/{name}/")
-        return load_results(final)
+        return False
+
+
+def _eval_folder(run: RunDir, name: str) -> Path:
+    """A temp folder for one system's rows, installed by `_install_eval` once complete."""
     run.eval_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=run.eval_dir, prefix=f".{name}."))
-    run_passes(examples, stage, tmp, log=log)
+    return Path(tempfile.mkdtemp(dir=run.eval_dir, prefix=f".{name}."))
+
+
+def _install_eval(run: RunDir, name: str, tmp: Path, source: dict) -> None:
     atomic_write_json(tmp / EVAL_SOURCE, source)
-    replace_dir(tmp, final)
-    return load_results(final)
+    replace_dir(tmp, run.eval_dir / name)
+
+
+def _eval_pass(run: RunDir, name: str, examples, stage: EngineStage, model_id=None, log=print) -> pa.Table:
+    """One evaluated system's rows in eval/<name>/, replaced only once complete. A rerun
+    reuses them when the same model, prompts, settings and inputs produced them (an
+    evaluation interrupted after System 1 and System 2 does not redo them, and `s2d run`
+    evaluates the base model beside generation, on the same engines); anything else
+    evaluates afresh."""
+    source = _eval_source(examples, stage, model_id)
+    if _reusable(run, name, source):
+        log(f"eval: {name} was already evaluated on these inputs with this model; reusing eval/{name}/")
+        return load_results(run.eval_dir / name)
+    tmp = _eval_folder(run, name)
+    run_passes(examples, stage, tmp, log=log)
+    _install_eval(run, name, tmp, source)
+    return load_results(run.eval_dir / name)
 
 
 def report(run: RunDir) -> None:
@@ -455,7 +502,7 @@ def run_all(cfg: JobConfig, run: RunDir, log=print, retry_failed: bool = False) 
                     raise S2DError("--retry-failed is for sequential runs: run `s2d generate --retry-failed` first")
                 generate_and_train(cfg, run, log)
             else:
-                generate(cfg, run, log, retry_failed)
+                generate(cfg, run, log, retry_failed, with_base_eval=True)
                 train(cfg, run, log)
         except EmptyDistillSet as err:
             # Still worth evaluating System 1 and System 2; the report says why there is no model.

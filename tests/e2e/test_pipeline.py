@@ -32,6 +32,15 @@ def test_run_directory_contract(run_dir):
     assert (out / "model" / "tokenizer.json").exists()
 
 
+def test_each_model_starts_one_engine_per_run(run_dir):
+    _, proc = run_dir
+    log = proc.stdout + proc.stderr
+    assert "and 6 of eval/ with the same engines" in log  # the base model is evaluated beside generation
+    assert "reusing eval/base/" in log
+    starts = [line for line in log.splitlines() if "vLLM uses max_num_seqs" in line]
+    assert len(starts) == 2, starts  # the base model once (generation + its evaluation), the distilled once
+
+
 def test_generate_has_every_input_once_with_samples_votes_and_tokens(run_dir):
     out, _ = run_dir
     table = pq.read_table(out / "generate")
