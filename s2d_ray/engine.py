@@ -193,38 +193,9 @@ class Engine:
 
         raise EngineDeadError()
 
-    def generate(
-        self,
-        user_texts: list[str],
-        *,
-        n: int,
-        temperature: float,
-        top_p: float,
-        max_tokens: int,
-    ) -> list[list[Completion]]:
-        """Chat-format each text, sample `n` completions for each, keep input order.
-
-        Sampling is seeded once per engine (at construction): per-request seeds
-        crash the CPU backend ("CPU Generator does not use offset"). A prompt the engine
-        rejects (one too long for the context, typically) is answered with an error of
-        its own instead of failing the others.
-        """
-        params = dict(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
-        out: list[list[Completion] | None] = [None] * len(user_texts)
-        waiting: dict[str, int] = {}
-        for i, text in enumerate(user_texts):
-            try:
-                waiting[self.submit(self.encode(text), self.sampling(**params))] = i
-            except ValueError as err:
-                out[i] = [Completion("", 0, str(err))] * n
-        while waiting:
-            for rid, completions in self.step():
-                out[waiting.pop(rid)] = completions
-        return out  # type: ignore[return-value]
-
     def prompt_tokens(self, user_text: str) -> int:
-        """Length of a chat-formatted prompt in tokens (to check it fits the context)."""
-        return len(self.tokenizer.encode(chat_prompt(self.tokenizer, user_text), add_special_tokens=False))
+        """Length of a chat-formatted prompt in tokens, counted as `submit` counts it."""
+        return len(self.encode(user_text))
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

@@ -362,12 +362,9 @@ def engine_env(cfg: EngineConfig) -> dict[str, str]:
 
 def drop_failed(out_dir: Path, label: str = "system2") -> int:
     """--retry-failed: take the inputs recorded as failed out of their parts, so that they
-    count as not generated. Each part is rewritten whole and renamed onto itself (atomic:
-    a crash leaves either the old or the new part, never both)."""
+    count as not generated. Each part is rewritten whole and renamed onto itself."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-
-    from s2d_ray.rundir import FILE_MODE, fsync_dir
 
     dropped = 0
     for part in sorted(out_dir.glob("part-*.parquet")) if out_dir.is_dir() else []:
@@ -381,13 +378,7 @@ def drop_failed(out_dir: Path, label: str = "system2") -> int:
         n = pc.sum(failed).as_py() or 0
         if not n:
             continue
-        tmp = part.with_name(f".{part.name}.tmp")
-        pq.write_table(table.filter(pc.invert(failed)), tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, part)
-        fsync_dir(out_dir)
+        write_part(out_dir, table.filter(pc.invert(failed)), replacing=part)
         dropped += n
     return dropped
 

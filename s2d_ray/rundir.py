@@ -87,10 +87,11 @@ def replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_part(directory: Path, table: pa.Table) -> Path:
-    """Write one Parquet part atomically and durably; parts are never rewritten."""
+def write_part(directory: Path, table: pa.Table, replacing: Path | None = None) -> Path:
+    """Write one Parquet part atomically and durably: a new part, or `replacing` an
+    existing one by a rename onto it (a crash leaves the old part or the new, never both)."""
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"part-{uuid.uuid4().hex}.parquet"
+    final = replacing or directory / f"part-{uuid.uuid4().hex}.parquet"
     tmp = directory / f".{final.name}.tmp"
     pq.write_table(table, tmp)
     with open(tmp, "rb") as f:

@@ -16,15 +16,19 @@ pytestmark = needs_cuda_vllm
 def test_the_exported_checkpoint_generates_on_cuda(cuda_trained):
     from s2d_ray.config import EngineConfig
     from s2d_ray.engine import Engine
+    from s2d_ray.methods import METHODS
+    from s2d_ray.methods.dataflow import PassRun, run_pass
 
     engine = Engine(str(cuda_trained / "model"), EngineConfig(device="cuda", gpu_memory_utilization=0.4,
                     max_model_len=1024), dtype="bfloat16")  # fmt: skip
+    sampling = dict(temperature=0.7, top_p=0.95, max_tokens=16)
     try:
-        outs = engine.generate(["Take the last letters of the words in \"Ada Lovelace\" and concatenate them."],
-                               n=2, temperature=0.7, top_p=0.95, max_tokens=16)  # fmt: skip
+        question = "Take the last letters of the words in \"Ada Lovelace\" and concatenate them."
+        (samples,), _ = run_pass(engine, PassRun(METHODS["system1"], 2, sampling, 2, 1, None, None),
+                                 [{"question": question, "format": ""}])  # fmt: skip
     finally:
         engine.close()
-    assert len(outs) == 1 and len(outs[0]) == 2 and all(c.tokens > 0 for c in outs[0])
+    assert len(samples) == 2 and all(s.error is None and s.tokens["answer"] > 0 for s in samples)
 
 
 @pytest.mark.skipif(GPUS < 2, reason=f"tensor parallel 2 needs two GPUs; this node has {GPUS}")
