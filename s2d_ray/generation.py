@@ -553,7 +553,7 @@ def run_passes(examples: list[Example], stage: EngineStage, out_dir: Path, *, bu
         tag = uuid.uuid4().hex[:8]
         health = engine_health(engine)
         total = len(todo) + sum(len(t) for t, _, _ in extra)
-        log(f"generate: {len(todo)} inputs" + "".join(f" (and {len(t)} of {f.parent.name}/ with the same engines)"
+        log(f"engines: {len(todo)} inputs" + "".join(f" (and {len(t)} of {f.parent.name}/ with the same engines)"
                                                       for t, _, f in extra if t)
             + f" in batches of {batch_rows(total, engine)}, up to {engine.concurrency[1]} engine(s) holding "
             f"{engine.batches_per_engine} batch(es) each")  # fmt: skip
@@ -583,7 +583,7 @@ def run_passes(examples: list[Example], stage: EngineStage, out_dir: Path, *, bu
                 release_engine_groups(tag)
         restarts = ray.get(health.restarts.remote())
         if restarts:
-            log(f"generate: {len(restarts)} engine restart(s), batches redone; last: {restarts[-1]}")
+            log(f"engines: {len(restarts)} restart(s), batches redone; last: {restarts[-1]}")
     if stopped:
         log(f"budget: {stopped}; stopped with {len(done) + written} of {len(examples)} inputs generated")
     return {
