@@ -13,6 +13,10 @@ OUT = click.option("--out", "out", type=click.Path(file_okay=False), help="Run d
 RETRY = click.option("--retry-failed", "retry_failed", is_flag=True,
                      help="Generate again the inputs recorded as failed (e.g. a prompt too long for the context).")
 RESTART = click.option("--restart", is_flag=True, help="Start over: remove what this command's stages wrote before.")
+VERBOSE = click.option(
+    "--verbose", "-v", is_flag=True,
+    help="Also show Ray, vLLM, DeepSpeed and transformers output live (it always goes to RUN/logs/).",
+)
 SET = click.option(
     "--set", "overrides", multiple=True, metavar="KEY.SUB=VALUE", help="Override a job setting; repeatable."
 )
@@ -43,15 +47,17 @@ def cli() -> None:
 @SET
 @RESTART
 @RETRY
-def run(job, out, overrides, restart, retry_failed):
+@VERBOSE
+def run(job, out, overrides, restart, retry_failed, verbose):
     """Run every stage: generate, vote, train, evaluate, report."""
     from s2d_ray import pipeline
+    from s2d_ray.console import terminal
 
     cfg, rd = _load(job, overrides, out)
-    with rd.lock("run"):
+    with rd.lock("run"), terminal(rd.logs, "run", verbose) as log:
         if restart:
-            rd.restart(("generate", "train", "eval"), _log)
-        result = pipeline.run_all(cfg, rd, _log, retry_failed)
+            rd.restart(("generate", "train", "eval"), log)
+        result = pipeline.run_all(cfg, rd, log, retry_failed)
     metric = result["metric"]
     parts = [f"{k} {100 * result[k][metric]:.1f}%" for k in ("system1", "system2", "distilled") if k in result]
     click.echo(f"done: {metric} {', '.join(parts)}; {result['distillability']['verdict']}")
@@ -65,15 +71,17 @@ def run(job, out, overrides, restart, retry_failed):
 @SET
 @RESTART
 @RETRY
-def generate(job, out, overrides, restart, retry_failed):
+@VERBOSE
+def generate(job, out, overrides, restart, retry_failed, verbose):
     """System 2 generation and consistency vote: writes generate/ and distill/ (resumes)."""
     from s2d_ray import pipeline
+    from s2d_ray.console import terminal
 
     cfg, rd = _load(job, overrides, out)
-    with rd.lock("generate"):
+    with rd.lock("generate"), terminal(rd.logs, "generate", verbose) as log:
         if restart:
-            rd.restart(("generate",), _log)
-        stats = pipeline.generate(cfg, rd, _log, retry_failed)
+            rd.restart(("generate",), log)
+        stats = pipeline.generate(cfg, rd, log, retry_failed)
     click.echo(f"kept {stats['kept']} of {stats['inputs']} inputs; run directory: {rd.root}")
 
 
@@ -82,15 +90,17 @@ def generate(job, out, overrides, restart, retry_failed):
 @OUT
 @SET
 @RESTART
-def train(job, out, overrides, restart):
+@VERBOSE
+def train(job, out, overrides, restart, verbose):
     """Fine-tune on distill/ with DeepSpeed ZeRO-3: writes model/."""
     from s2d_ray import pipeline
+    from s2d_ray.console import terminal
 
     cfg, rd = _load(job, overrides, out)
-    with rd.lock("train"):
+    with rd.lock("train"), terminal(rd.logs, "train", verbose) as log:
         if restart:
-            rd.restart(("train",), _log)
-        pipeline.train(cfg, rd, _log)
+            rd.restart(("train",), log)
+        pipeline.train(cfg, rd, log)
     click.echo(f"model: {rd.model}")
 
 
@@ -99,15 +109,17 @@ def train(job, out, overrides, restart):
 @OUT
 @SET
 @RESTART
-def eval_(job, out, overrides, restart):
+@VERBOSE
+def eval_(job, out, overrides, restart, verbose):
     """Evaluate System 1, System 2 and the distilled model: writes eval.json and report.html."""
     from s2d_ray import pipeline
+    from s2d_ray.console import terminal
 
     cfg, rd = _load(job, overrides, out)
-    with rd.lock("eval"):
+    with rd.lock("eval"), terminal(rd.logs, "eval", verbose) as log:
         if restart:
-            rd.restart(("eval",), _log)
-        result = pipeline.evaluate(cfg, rd, _log)
+            rd.restart(("eval",), log)
+        result = pipeline.evaluate(cfg, rd, log)
         pipeline.report(rd)
     click.echo(result["distillability"]["text"])
     click.echo(f"report: {rd.report_html}")

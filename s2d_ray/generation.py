@@ -22,6 +22,7 @@ import pandas as pd
 import pyarrow as pa
 
 from s2d_ray.config import EngineConfig, FilterConfig
+from s2d_ray.console import progress
 from s2d_ray.engine import CPU_ENGINE_ENV, FAULT_ENV, GPU_ENGINE_ENV
 from s2d_ray.errors import S2DError
 from s2d_ray.filters import Vote, adaptive_vote, first_round, majority_vote, no_filter, swap_vote, usc_vote
@@ -526,8 +527,12 @@ def distillation_stream(todo: list[Example], stage: EngineStage, out_dir: Path, 
 
 
 def run_passes(examples: list[Example], stage: EngineStage, out_dir: Path, *, budget=None, log=print,
-               also: list[tuple[list[Example], EngineStage, Path]] = ()) -> dict:  # fmt: skip
+               also: list[tuple[list[Example], EngineStage, Path]] = (), title: str = "engines",
+               cost=None) -> dict:  # fmt: skip
     """Generate every example not yet in `out_dir`; returns what this call did.
+
+    Progress (inputs done, kept so far, tokens/s, ETA, and `cost(seconds)`'s text if
+    given) is shown as `title` where `log` is a Console.
 
     `budget(tokens, seconds)`, if given, is asked after every written part (tokens: all
     generated so far in `out_dir`, seconds: this call's) and returns a reason to stop
@@ -558,6 +563,7 @@ def run_passes(examples: list[Example], stage: EngineStage, out_dir: Path, *, bu
             + f" in batches of {batch_rows(total, engine)}, up to {engine.concurrency[1]} engine(s) holding "
             f"{engine.batches_per_engine} batch(es) each")  # fmt: skip
         ds = generation_dataset(todo, stage, tag=tag, health=health, also=[(t, st) for t, st, _ in extra])
+        shown = Shown(progress(log, title, total, "inputs"), cost, started)
         try:
             for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 job = 0
@@ -566,11 +572,13 @@ def run_passes(examples: list[Example], stage: EngineStage, out_dir: Path, *, bu
                     block = block.drop_columns(["job"])
                 if job and block.num_rows:
                     write_part(extra[job - 1][2], _uniform(block))
+                    shown.add(block, [f"{p.label}_tokens" for p in extra[job - 1][1].passes])
                     continue
                 if block.num_rows:
                     write_part(out_dir, _uniform(block))
                     written += block.num_rows
                     spent += _tokens(block, token_columns)
+                    shown.add(block, token_columns)
                 if budget and (stopped := budget(spent, time.perf_counter() - started)):
                     break  # closing the stream shuts the pipeline and its engines down
         except Exception as err:
@@ -579,6 +587,7 @@ def run_passes(examples: list[Example], stage: EngineStage, out_dir: Path, *, bu
                 raise EngineFailed(f"{failure}; {written} inputs written this time are kept") from err
             raise
         finally:
+            shown.tracker.close()
             if engine.gpus_per_engine > 1:
                 release_engine_groups(tag)
         restarts = ray.get(health.restarts.remote())
@@ -591,6 +600,28 @@ def run_passes(examples: list[Example], stage: EngineStage, out_dir: Path, *, bu
         "tokens": spent, "budget_stop": stopped, "engine_restarts": restarts,
         "also_complete": [not stopped and finished_ids(f) >= {e.id for e in ex} for ex, _, f in also],
     }  # fmt: skip
+
+
+class Shown:
+    """What a generation's progress shows, from the blocks as they are written."""
+
+    def __init__(self, tracker, cost, started: float):
+        self.tracker, self.cost, self.started = tracker, cost, started
+        self.done = self.kept = self.tokens = 0
+        self.voted = False
+
+    def add(self, block: pa.Table, token_columns: list[str]) -> None:
+        self.done += block.num_rows
+        self.tokens += _tokens(block, token_columns)
+        if "kept" in block.column_names:
+            self.voted = True
+            self.kept += sum(bool(k) for k in block.column("kept").to_pylist())
+        seconds = time.perf_counter() - self.started
+        status = [f"kept {self.kept}"] if self.voted else []
+        status.append(f"{self.tokens / max(seconds, 1e-9):,.0f} tok/s")
+        if self.cost is not None:
+            status.append(self.cost(seconds))
+        self.tracker.update(self.done, ", ".join(status))
 
 
 def _tokens(table: pa.Table | None, columns: list[str]) -> int:

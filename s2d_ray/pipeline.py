@@ -110,7 +110,8 @@ def generate(cfg: JobConfig, run: RunDir, log=print, retry_failed: bool = False,
                 base = (_eval_folder(run, "base"), source)
                 also = [(test, stage, base[0])]
         did = run_passes(examples, engine_stage(cfg, model, passes, vote=True), run.generate, budget=_budget(cfg, run),
-                         log=log, also=also)  # fmt: skip
+                         log=log, also=also, title="generate" + (" + base eval" if also else ""),
+                         cost=_cost_so_far(cfg, run, "generate"))  # fmt: skip
         if base is not None:
             if did["also_complete"][0]:
                 _install_eval(run, "base", *base)
@@ -180,6 +181,13 @@ def _generation_figures(table: pa.Table, passes: list[Pass], n: int) -> dict:
     if "system2_selected_how" in table.column_names:
         out["usc_selection"] = dict(Counter(col("system2_selected_how")))
     return out
+
+
+def _cost_so_far(cfg: JobConfig, run: RunDir, stage: str):
+    """Progress text: the stage's device cost so far (an earlier, resumed call's included)."""
+    rate = _devices(cfg, stage) * cfg.cost.device_hour_price / 3600
+    before = run.read_run().get("stages", {}).get(stage, {}).get("cost", 0.0) if stage == "generate" else 0.0
+    return lambda seconds: f"{before + seconds * rate:,.2f} {cfg.cost.currency}"
 
 
 def _budget(cfg: JobConfig, run: RunDir):
@@ -348,7 +356,8 @@ def evaluate(cfg: JobConfig, run: RunDir, log=print) -> dict:
     tokens = 0
     with ray_session(cfg):
         log(f"eval: base model, {len(examples)} {cfg.eval.split} inputs: {', '.join(p.label for p in base)}")
-        table = _eval_pass(run, "base", examples, engine_stage(cfg, model, base), log=log)
+        cost = _cost_so_far(cfg, run, "eval")
+        table = _eval_pass(run, "base", examples, engine_stage(cfg, model, base), log=log, cost=cost)
         tokens += sum(sum(table.column(f"{p.label}_tokens").to_pylist()) for p in base)
         for label in ("system1", "system2") if cfg.eval.system2 else ("system1",):
             results[label] = score_pass(table, label, cfg.task, swapped=swap)
@@ -359,7 +368,7 @@ def evaluate(cfg: JobConfig, run: RunDir, log=print) -> dict:
             trained = json.loads(marker.read_text()).get("trained_id") if marker.exists() else None
             # Without the marker (a model of unknown origin) it is always evaluated afresh.
             model_id = {"trained": trained} if trained else {"unknown": uuid.uuid4().hex}
-            table = _eval_pass(run, "distilled", examples, engine_stage(cfg, run.model, distilled), model_id, log)
+            table = _eval_pass(run, "distilled", examples, engine_stage(cfg, run.model, distilled), model_id, log, cost)
             tokens += sum(sum(table.column(f"{p.label}_tokens").to_pylist()) for p in distilled)
             results["distilled"] = score_pass(table, "distilled", cfg.task, swapped=swap)
         else:
@@ -408,7 +417,7 @@ def _install_eval(run: RunDir, name: str, tmp: Path, source: dict) -> None:
     replace_dir(tmp, run.eval_dir / name)
 
 
-def _eval_pass(run: RunDir, name: str, examples, stage: EngineStage, model_id=None, log=print) -> pa.Table:
+def _eval_pass(run: RunDir, name: str, examples, stage: EngineStage, model_id=None, log=print, cost=None) -> pa.Table:
     """One evaluated system's rows in eval/<name>/, replaced only once complete. A rerun
     reuses them when the same model, prompts, settings and inputs produced them (an
     evaluation interrupted after System 1 and System 2 does not redo them, and `s2d run`
@@ -419,7 +428,7 @@ def _eval_pass(run: RunDir, name: str, examples, stage: EngineStage, model_id=No
         log(f"eval: {name} was already evaluated on these inputs with this model; reusing eval/{name}/")
         return load_results(run.eval_dir / name)
     tmp = _eval_folder(run, name)
-    run_passes(examples, stage, tmp, log=log)
+    run_passes(examples, stage, tmp, log=log, title=f"eval {name}", cost=cost)
     _install_eval(run, name, tmp, source)
     return load_results(run.eval_dir / name)
 
@@ -479,7 +488,7 @@ def generate_and_train(cfg: JobConfig, run: RunDir, log=print) -> dict:
         left = [e for e in examples if e.id not in finished_ids(run.generate)]
         if left:
             log(f"generate: {len(left)} inputs after training stopped (train.steps reached); not trained on")
-            run_passes(left, stage, run.generate, log=log)
+            run_passes(left, stage, run.generate, log=log, title="generate")
         restarts = len(ray.get(health.restarts.remote()))
         _finish_generation(cfg, run, examples, passes, started, log, streaming=True, generated_now=len(todo),
                            resumed=len(done), engine_restarts=restarts)  # fmt: skip

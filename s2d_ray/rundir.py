@@ -143,6 +143,7 @@ class RunDir:
     report_html = property(lambda self: self.root / "report.html")
     run_json = property(lambda self: self.root / "run.json")
     ray_train = property(lambda self: self.root / "ray_train")
+    logs = property(lambda self: self.root / "logs")  # one file per command: what Ray, vLLM, DeepSpeed printed
 
     def create(self) -> "RunDir":
         self.root.mkdir(parents=True, exist_ok=True)

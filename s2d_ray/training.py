@@ -297,6 +297,7 @@ def train_loop(config: dict) -> None:
             next(batches)
         if rank == 0:
             print(f"train: resumed from the checkpoint of step {state['step']} of {steps} ({Path(loaded).parent.parent.name})", flush=True)
+            note_step(config["progress"], {"resumed": state["step"], "steps": steps})
     every = checkpoint_interval(cfg, steps) if not config["stream"] else 0
     metrics = {"step": first - 1, "loss": None, "tokens": tokens_seen, "seconds": 0.0}
     for step in range(first, steps + 1):
@@ -324,6 +325,7 @@ def train_loop(config: dict) -> None:
                 f"{elapsed:.0f}s",
                 flush=True,
             )
+            note_step(config["progress"], {**metrics, "steps": steps, "padding": 1 - tokens_seen / max(padded, 1)})
         if every and step % every == 0 and step < steps:
             save_checkpoint(engine, rank, {"step": step, "tokens": tokens_seen, "micro_batches": consumed, "padded": padded}, metrics)
 
@@ -343,6 +345,87 @@ def train_loop(config: dict) -> None:
         ray.train.report({**metrics, "tokens_total": tokens_seen * world, "final": True}, checkpoint=checkpoint)
     finally:
         shutil.rmtree(export, ignore_errors=True)
+
+
+def note_step(path: str, record: dict) -> None:
+    """Rank 0: one line per step (or resume) in the attempt's progress file, read by the
+    driver for its live progress and kept as the run's loss curve."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_steps(path: Path) -> tuple[list[dict], list[int]]:
+    """(one record per step, the latest of repeats after a resume; the steps resumed from)."""
+    steps: dict[int, dict] = {}
+    resumed = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return [], []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if "resumed" in rec:
+            resumed.append(int(rec["resumed"]))
+        elif "step" in rec:
+            steps[int(rec["step"])] = rec
+    return [steps[k] for k in sorted(steps)], resumed
+
+
+class StepWatch:
+    """The driver's view of a training while Ray Train runs it: rank 0's progress file,
+    read every second, shown as the training's progress (one line per step on a terminal)."""
+
+    def __init__(self, path: Path, steps: int, log):
+        from s2d_ray.console import Console, progress
+
+        self.path, self.steps, self.log = path, steps, log
+        self.per_step = isinstance(log, Console) and log.tty
+        self.tracker = progress(log, "train", steps, "steps")
+        self._offset, self._stop = 0, None
+
+    def __enter__(self) -> "StepWatch":
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+        self.tracker.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            self.poll()
+
+    def poll(self) -> None:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except OSError:
+            return
+        whole = chunk[: chunk.rfind("\n") + 1]
+        self._offset += len(whole.encode("utf-8"))
+        for line in whole.splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if "resumed" in rec:
+                self.log(f"train: resumed from the checkpoint of step {rec['resumed']} of {rec['steps']}")
+                continue
+            rate = rec["tokens"] / max(rec["seconds"], 1e-9)
+            status = f"loss {rec['loss']:.4f}, {rate:,.0f} tok/s/worker (padding {rec['padding']:.0%})"
+            if self.per_step:
+                self.log(f"train step {rec['step']}/{self.steps}: {status}")
+            self.tracker.update(rec["step"], status)
 
 
 SAFETENSORS_DTYPES = {
@@ -646,9 +729,12 @@ def fit(
 
     name = f"train-{attempt or uuid.uuid4().hex[:16]}"
     storage.mkdir(parents=True, exist_ok=True)
+    steps_file = storage / f"{name}.steps.jsonl"  # rank 0's progress: the loss curve
     for other in storage.iterdir():  # earlier attempts on other inputs: never this one's result
         if other.is_dir() and other.name != name:
             shutil.rmtree(other, ignore_errors=True)
+        elif other.is_file() and other != steps_file:
+            other.unlink(missing_ok=True)
     started = time.perf_counter()
     attempt_dir = storage / name
     exported = finished_export(attempt_dir)
@@ -656,7 +742,8 @@ def fit(
         log(f"training: this attempt had already finished ({storage.name}/{name}); using its exported model")
         metrics = json.loads((exported / TRAIN_STATE).read_text())
     else:
-        exported, metrics = _run_trainer(ds, steps, model_path, storage, cfg, stream, name)
+        with StepWatch(steps_file, steps, log):
+            exported, metrics = _run_trainer(ds, steps, model_path, storage, cfg, stream, name, steps_file)
     ready = attempt_dir / READY
     if exported != ready:
         # Ray Train's record of this attempt lists the export: once it is moved, a rerun
@@ -669,6 +756,8 @@ def fit(
     replace_dir(ready, out_dir)  # killed before it: the rerun finds `ready` again
     (out_dir / TRAIN_STATE).unlink(missing_ok=True)
     shutil.rmtree(attempt_dir, ignore_errors=True)  # its ZeRO-3 checkpoints are spent
+    curve, _ = read_steps(steps_file)
+    steps_file.unlink(missing_ok=True)
     return {
         "rows": rows,
         "steps": metrics.get("step", steps),
@@ -677,6 +766,8 @@ def fit(
         "tokens": metrics.get("tokens_total"),
         "seconds": time.perf_counter() - started,
         "workers": cfg.workers,
+        # Per step: [step, loss, non-padding tokens/s per worker] (a resumed step: its last run).
+        "loss_curve": [[r["step"], r["loss"], r["tokens"] / max(r["seconds"], 1e-9)] for r in curve],
     }
 
 
@@ -688,7 +779,8 @@ def _ray_logs_dir() -> str:
     return node.get_logs_dir_path() if node is not None else "the Ray session's logs folder"
 
 
-def _run_trainer(ds, steps: int, model_path: Path, storage: Path, cfg: TrainConfig, stream: bool, name: str):
+def _run_trainer(ds, steps: int, model_path: Path, storage: Path, cfg: TrainConfig, stream: bool, name: str,
+                 steps_file: Path):  # fmt: skip
     """Ray Train's fit; returns (the exported model's folder in storage, final metrics)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -711,6 +803,7 @@ def _run_trainer(ds, steps: int, model_path: Path, storage: Path, cfg: TrainConf
             "on_cpu": on_cpu,
             "backend": backend,
             "stream": stream,
+            "progress": str(steps_file),
         },
         scaling_config=ScalingConfig(**trainer_scaling(cfg)),
         # Covers every collective, the export's gathers while rank 0 writes a shard included.

@@ -26,8 +26,16 @@ def s2d(*args, check=True, timeout=1500, env=None, **kw) -> subprocess.Completed
         [*S2D, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"s2d {' '.join(args)} exited {proc.returncode}\n{proc.stderr[-4000:]}")
+        out = args[args.index("--out") + 1] if "--out" in args else None
+        logs = f"\n--- its log (RUN/logs/) ---\n{newest_log(Path(out), args[0])[-6000:]}" if out else ""
+        raise AssertionError(f"s2d {' '.join(args)} exited {proc.returncode}\n{proc.stderr[-4000:]}{logs}")
     return proc
+
+
+def newest_log(run_dir: Path, command: str) -> str:
+    """What Ray, vLLM and DeepSpeed printed during the latest `s2d COMMAND` on `run_dir`."""
+    logs = sorted((run_dir / "logs").glob(f"{command}-*.log"), key=lambda p: p.stat().st_mtime)
+    return logs[-1].read_text(errors="replace") if logs else ""
 
 
 def overrides(*settings: str) -> list[str]:

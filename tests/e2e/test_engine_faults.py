@@ -31,7 +31,7 @@ def test_a_stalled_and_a_killed_engine_are_replaced_and_every_input_lands_once(t
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "S2D_TEST_ENGINE_FAULT": f"stall:{tmp_path / 'stalled-once'}"}
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        [*S2D, "generate", str(local_job), "--out", str(out), *_settings("engine.stall_timeout_s=5")],
+        [*S2D, "generate", str(local_job), "--out", str(out), "--verbose", *_settings("engine.stall_timeout_s=5")],
         cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     lines: list[str] = []

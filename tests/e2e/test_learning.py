@@ -21,7 +21,7 @@ import pytest
 
 from s2d_ray.config import load_config
 from s2d_ray.rundir import RunDir, write_part
-from tests.conftest import ROOT, S2D, overrides, s2d
+from tests.conftest import ROOT, S2D, newest_log, overrides, s2d
 
 pytestmark = pytest.mark.e2e
 
@@ -48,7 +48,7 @@ def test_training_survives_a_dead_rank_and_a_dead_driver_and_teaches_the_model_i
         "train.checkpoint_every=2", "eval.split=train", "eval.system2=false",
     )  # fmt: skip
     cmd = [str(local_job), "--out", str(tmp_path), *settings]
-    trainer = _Command("train", cmd)
+    trainer = _Command("train", [*cmd, "--verbose"])  # the ranks' own lines, live: rank 0's pid
     rank0 = trainer.wait_for(r"RayTrainWorker pid=(\d+)\).*?train step 3/")  # after the checkpoint of step 2
     os.kill(int(rank0.group(1)), signal.SIGKILL)  # the rank that prints: rank 0
     trainer.wait_for(r"resumed from the checkpoint of step 2 of 8")
@@ -60,13 +60,15 @@ def test_training_survives_a_dead_rank_and_a_dead_driver_and_teaches_the_model_i
     assert not (tmp_path / "model").exists()
 
     rerun = s2d("train", *cmd)  # a new command on the same inputs goes on from the latest checkpoint
-    log = rerun.stdout + rerun.stderr
-    resumed = re.search(r"resumed from the checkpoint of step (\d+) of 8", log)
-    assert resumed and int(resumed.group(1)) in (4, 6), log[-3000:]
+    resumed = re.search(r"\[s2d\] train: resumed from the checkpoint of step (\d+) of 8", rerun.stderr)
+    assert resumed and int(resumed.group(1)) in (4, 6), rerun.stderr[-3000:]
+    log = newest_log(tmp_path, "train")  # quiet terminal: the ranks' lines are in RUN/logs/
     after = [int(s) for s in re.findall(r"train step (\d+)/8", log)]
     assert min(after) == int(resumed.group(1)) + 1 and max(after) == 8, after
     assert not list((tmp_path / "ray_train").glob("*/checkpoint_*"))  # spent checkpoints removed
     assert (tmp_path / "model" / "config.json").exists() and not (tmp_path / "model" / "s2d_train_state.json").exists()
+    curve = json.loads((tmp_path / "run.json").read_text())["stages"]["train"]["loss_curve"]
+    assert [c[0] for c in curve] == list(range(1, 9)), curve  # one point per step, over all three commands
 
     again = s2d("train", *cmd)  # same inputs: nothing to do
     assert "already trained from this distillation set" in again.stderr

@@ -5,7 +5,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import overrides, s2d
+from tests.conftest import newest_log, overrides, s2d
 
 pytestmark = pytest.mark.e2e
 
@@ -33,12 +33,25 @@ def test_run_directory_contract(run_dir):
 
 
 def test_each_model_starts_one_engine_per_run(run_dir):
-    _, proc = run_dir
-    log = proc.stdout + proc.stderr
-    assert "and 6 of eval/ with the same engines" in log  # the base model is evaluated beside generation
-    assert "reusing eval/base/" in log
-    starts = [line for line in log.splitlines() if "vLLM uses max_num_seqs" in line]
+    out, proc = run_dir
+    assert "and 6 of eval/ with the same engines" in proc.stderr  # the base model is evaluated beside generation
+    assert "reusing eval/base/" in proc.stderr
+    starts = [line for line in newest_log(out, "run").splitlines() if "vLLM uses max_num_seqs" in line]
     assert len(starts) == 2, starts  # the base model once (generation + its evaluation), the distilled once
+
+
+def test_the_terminal_shows_s2d_progress_and_the_log_file_everything_else(run_dir):
+    out, proc = run_dir
+    shown = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert len(shown) <= 40, "\n".join(shown)
+    assert all(line.startswith("[s2d] ") for line in proc.stderr.splitlines() if line.strip()), proc.stderr
+    assert f"[s2d] logs: {out}/logs/run-" in proc.stderr
+    for stage in ("generate + base eval: 18/18 inputs", "train: 2/2 steps", "eval distilled: 6/6 inputs"):
+        assert f"[s2d] {stage} (100%)" in proc.stderr, stage  # each stage's last progress line
+    log = newest_log(out, "run")
+    for line in ("RayTrainWorker", "train step 2/2", "MapWorker(MapBatches(GeneratorActor))", "[s2d] generate: kept"):
+        assert line in log, line  # the ranks' and engines' output, and s2d's own lines
+    assert "[repeated" not in log  # Ray's merging of identical lines is off: nothing dropped
 
 
 def test_generate_has_every_input_once_with_samples_votes_and_tokens(run_dir):
