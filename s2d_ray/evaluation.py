@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from collections import Counter
 
 import pyarrow as pa
 
@@ -66,3 +68,66 @@ def distillability(results: dict[str, dict], metric: str = "accuracy", no_model_
     if all(v is not None for v in incons.values()) and incons:
         text += "; inconsistent under swap: " + ", ".join(f"{k} {pct(v)}" for k, v in incons.items())
     return {"verdict": verdict, "text": text + "."}
+
+
+def _first(table: pa.Table, column: str) -> dict:
+    """id -> the first sample's value of a per-sample list column (None where absent)."""
+    if column not in table.column_names:
+        return {}
+    return {i: (v[0] if v else None) for i, v in zip(table.column("id").to_pylist(), table.column(column).to_pylist())}
+
+
+def fidelity(base: pa.Table, distilled: pa.Table | None) -> dict | None:
+    """How far a system took on System 2's behaviour: on the inputs where System 2 gave an
+    answer, the share where the distilled model's direct answer is the same one, beside the
+    base model's System 1 agreement with System 2. Needs no labels, and moves where a small
+    model's task metric cannot."""
+    s2 = {i: a for i, a in _first(base, "system2_answers").items() if a is not None}
+    if not s2:
+        return None
+    out = {"n": len(s2)}
+    for name, table in (("system1", base), ("distilled", distilled)):
+        if table is not None:
+            answers = _first(table, f"{name}_answers")
+            out[name] = sum(answers.get(i) == a for i, a in s2.items()) / len(s2)
+    return out
+
+
+EXAMPLES = 20
+TEXT_CHARS = 700  # of each output shown in the report
+
+
+def examples(base: pa.Table, distilled: pa.Table | None, task: Task, k: int = EXAMPLES) -> dict:
+    """About `k` test inputs side by side for the report (`rows`), those where distillation
+    fixed or broke the answer first (System 1 wrong and distilled right, or the reverse),
+    and how many inputs of all it fixed and broke."""
+    cut = lambda t: t if t is None or len(t) <= TEXT_CHARS else t[:TEXT_CHARS] + " …"  # noqa: E731
+    cols = {(name, kind): _first(table, f"{name}_{kind}")
+            for name, table in (("system1", base), ("system2", base), ("distilled", distilled)) if table is not None
+            for kind in ("answers", "outputs", "steps")}  # fmt: skip
+    rows = []
+    for r in base.select(["id", "input", "answer"]).to_pylist():
+        row = {"id": r["id"], "input": cut(r["input"]), "gold": r["answer"]}
+        for name in ("system1", "system2", "distilled"):
+            if (name, "answers") not in cols or r["id"] not in cols[(name, "answers")]:
+                continue
+            answer = cols[(name, "answers")][r["id"]]
+            steps = cols[(name, "steps")].get(r["id"])
+            row[name] = {
+                "answer": answer,
+                "output": cut(cols[(name, "outputs")].get(r["id"])),
+                "correct": r["answer"] is not None and bool(task.score(answer, r["answer"])),
+                **({"steps": {k: cut(v) for k, v in json.loads(steps).items()}} if steps else {}),
+            }
+        if "system1" in row and "distilled" in row:
+            s1, d = row["system1"]["correct"], row["distilled"]["correct"]
+            row["change"] = "fixed" if d and not s1 else "broke" if s1 and not d else "same"
+        rows.append(row)
+    order = {r["id"]: n for n, r in enumerate(rows)}
+    fixed = [r for r in rows if r.get("change") == "fixed"][: k // 3]
+    broke = [r for r in rows if r.get("change") == "broke"][: k // 3]
+    chosen = {r["id"] for r in fixed + broke}
+    rest = [r for r in rows if r["id"] not in chosen][: k - len(chosen)]
+    counts = Counter(r.get("change") for r in rows)
+    return {"fixed": counts["fixed"], "broke": counts["broke"], "n": len(rows),
+            "rows": sorted(fixed + broke + rest, key=lambda r: order[r["id"]])}  # fmt: skip

@@ -299,6 +299,10 @@ def run_batch(flow, task: Task, passes: list[Pass], batch: pd.DataFrame, max_mod
         out[f"{p.label}_failed_samples"] = [len(e) for e in errors]
         out[f"{p.label}_failure"] = [e[0] if e and len(e) == len(r) else None for e, r in zip(errors, results)]
         out[f"{p.label}_outputs"] = [[s.final for s in samples] for samples in results]
+        if len(p.program.step_names) > 1:  # the reasoning before the final step, per sample: {step: text}
+            before = p.program.step_names[:-1]
+            out[f"{p.label}_steps"] = [[json.dumps({k: s.values.get(k, "") for k in before}) for s in samples]
+                                       for samples in results]  # fmt: skip
         out[f"{p.label}_answers"] = answers
         out[f"{p.label}_samples"] = [len(samples) for samples in results]
         for step in p.program.step_names:

@@ -22,7 +22,8 @@ import pyarrow as pa
 
 from s2d_ray.config import JobConfig, config_dict
 from s2d_ray.errors import S2DError
-from s2d_ray.evaluation import distillability, score_pass
+from s2d_ray.evaluation import distillability, fidelity, score_pass
+from s2d_ray.evaluation import examples as examples_of
 from s2d_ray.generation import EngineStage, Pass, distill_rows, drop_failed, finished_ids, load_results, run_passes
 from s2d_ray.methods import Program
 from s2d_ray.models import resolve_model
@@ -357,10 +358,11 @@ def evaluate(cfg: JobConfig, run: RunDir, log=print) -> dict:
     with ray_session(cfg):
         log(f"eval: base model, {len(examples)} {cfg.eval.split} inputs: {', '.join(p.label for p in base)}")
         cost = _cost_so_far(cfg, run, "eval")
-        table = _eval_pass(run, "base", examples, engine_stage(cfg, model, base), log=log, cost=cost)
-        tokens += sum(sum(table.column(f"{p.label}_tokens").to_pylist()) for p in base)
+        base_rows = _eval_pass(run, "base", examples, engine_stage(cfg, model, base), log=log, cost=cost)
+        tokens += sum(sum(base_rows.column(f"{p.label}_tokens").to_pylist()) for p in base)
         for label in ("system1", "system2") if cfg.eval.system2 else ("system1",):
-            results[label] = score_pass(table, label, cfg.task, swapped=swap)
+            results[label] = score_pass(base_rows, label, cfg.task, swapped=swap)
+        distilled_rows = None
         if run.model_ready():
             log("eval: distilled model, System 1 prompt")
             distilled = passes("distilled", "system1")
@@ -368,18 +370,24 @@ def evaluate(cfg: JobConfig, run: RunDir, log=print) -> dict:
             trained = json.loads(marker.read_text()).get("trained_id") if marker.exists() else None
             # Without the marker (a model of unknown origin) it is always evaluated afresh.
             model_id = {"trained": trained} if trained else {"unknown": uuid.uuid4().hex}
-            table = _eval_pass(run, "distilled", examples, engine_stage(cfg, run.model, distilled), model_id, log, cost)
-            tokens += sum(sum(table.column(f"{p.label}_tokens").to_pylist()) for p in distilled)
-            results["distilled"] = score_pass(table, "distilled", cfg.task, swapped=swap)
+            distilled_rows = _eval_pass(run, "distilled", examples, engine_stage(cfg, run.model, distilled), model_id, log, cost)
+            tokens += sum(sum(distilled_rows.column(f"{p.label}_tokens").to_pylist()) for p in distilled)
+            results["distilled"] = score_pass(distilled_rows, "distilled", cfg.task, swapped=swap)
         else:
             log("eval: no trained model in this run directory; skipping the distilled system")
     out = {"task": cfg.task.name, "method": cfg.method.name, "split": cfg.eval.split, "metric": cfg.task.metric}
     out.update(results)
     skipped = run.read_run().get("stages", {}).get("train", {}).get("skipped")
     out["distillability"] = distillability(results, cfg.task.metric, skipped)
+    out["fidelity"] = fidelity(base_rows, distilled_rows)
+    out["examples"] = examples_of(base_rows, distilled_rows, cfg.task)
     atomic_write_json(run.eval_json, out)
     _record(cfg, run, "eval", {"seconds": time.perf_counter() - started, "tokens": tokens})
     log(f"eval: {out['distillability']['text']}")
+    if out["fidelity"] and "distilled" in out["fidelity"]:
+        fid = out["fidelity"]
+        log(f"eval: fidelity to System 2's answers: distilled {fid['distilled']:.0%}, base System 1 {fid['system1']:.0%} "
+            f"(n={fid['n']} inputs where System 2 answered)")  # fmt: skip
     return out
 
 

@@ -1,9 +1,10 @@
-"""report.html: one self-contained page (inline SVG, no scripts, no network)."""
+"""report.html: one self-contained page (inline SVG and CSS, no scripts, no network)."""
 
 from __future__ import annotations
 
 import html
 import json
+import math
 
 from s2d_ray.rundir import RunDir, atomic_write_text
 
@@ -11,38 +12,192 @@ COLORS = {"system1": "#1f77b4", "system2": "#d62728", "distilled": "#2ca02c"}
 NAMES = {"system1": "System 1", "system2": "System 2", "distilled": "Distilled System 1"}
 
 
+def _svg(w: int, h: int, label: str, body: list[str]) -> str:
+    return "\n".join([f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
+                      f'role="img" aria-label="{html.escape(label)}">', *body, "</svg>"])  # fmt: skip
+
+
+def _text(x: float, y: float, text: str, anchor: str = "middle", size: int = 11, extra: str = "") -> str:
+    return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" font-size="{size}"{extra}>{html.escape(text)}</text>'
+
+
+def _nice_max(v: float) -> float:
+    """A round axis maximum at or above `v`."""
+    if v <= 0:
+        return 1.0
+    mag = 10 ** math.floor(math.log10(v))
+    return next(m * mag for m in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10) if m * mag >= v)
+
+
+MARKERS = {  # distinct shapes and sizes: two systems on the same spot both stay visible
+    "system1": lambda x, y, c: f'<circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="{c}"/>',
+    "system2": lambda x, y, c: f'<rect x="{x - 6:.1f}" y="{y - 6:.1f}" width="12" height="12" fill="{c}"/>',
+    "distilled": lambda x, y, c: f'<circle cx="{x:.1f}" cy="{y:.1f}" r="10" fill="none" stroke="{c}" stroke-width="3"/>',
+}
+
+
 def _scatter(systems: dict[str, dict], metric: str) -> str:
-    """The task's metric vs. mean generated tokens per input, one dot per system."""
-    w, h, pad = 520, 320, 50
-    max_tok = max([s["mean_generated_tokens"] for s in systems.values()] + [1.0]) * 1.15
-    x = lambda t: pad + (w - 2 * pad) * t / max_tok  # noqa: E731
-    y = lambda a: h - pad - (h - 2 * pad) * a  # noqa: E731
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" '
-        'aria-label="metric versus mean generated tokens">',
-        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#333"/>',
-        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#333"/>',
-    ]
+    """The task's metric vs. mean generated tokens per input, one marker per system; names
+    in a legend beside the plot, never on it, so they cannot overlap."""
+    w, h, left, top, plot_w, plot_h = 640, 300, 56, 16, 380, 230
+    max_tok = _nice_max(max([s["mean_generated_tokens"] for s in systems.values()] + [1.0]) * 1.1)
+    x = lambda t: left + plot_w * t / max_tok  # noqa: E731
+    y = lambda a: top + plot_h * (1 - a)  # noqa: E731
+    body = [f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#333"/>',
+            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#333"/>']  # fmt: skip
     for frac in (0, 0.25, 0.5, 0.75, 1.0):
-        parts.append(f'<text x="{pad - 8}" y="{y(frac) + 4}" text-anchor="end" font-size="11">{frac:.0%}</text>')
-        parts.append(f'<line x1="{pad}" y1="{y(frac)}" x2="{w - pad}" y2="{y(frac)}" stroke="#eee"/>')
+        body.append(f'<line x1="{left}" y1="{y(frac):.1f}" x2="{left + plot_w}" y2="{y(frac):.1f}" stroke="#eee"/>')
+        body.append(_text(left - 6, y(frac) + 4, f"{frac:.0%}", "end"))
     for i in range(5):
-        t = max_tok * i / 4
-        parts.append(f'<text x="{x(t)}" y="{h - pad + 16}" text-anchor="middle" font-size="11">{t:.0f}</text>')
-    parts.append(f'<text x="{w / 2}" y="{h - 10}" text-anchor="middle" font-size="12">mean generated tokens per input</text>')
-    parts.append(f'<text x="14" y="{h / 2}" transform="rotate(-90 14 {h / 2})" text-anchor="middle" font-size="12">{html.escape(metric)}</text>')
-    for name, s in systems.items():
-        cx, cy = x(s["mean_generated_tokens"]), y(s.get(metric, 0.0))
-        parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="7" fill="{COLORS[name]}"/>')
-        parts.append(f'<text x="{cx + 10:.1f}" y="{cy - 8:.1f}" font-size="12">{NAMES[name]}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
+        body.append(_text(x(max_tok * i / 4), top + plot_h + 16, f"{max_tok * i / 4:.3g}"))
+    body.append(_text(left + plot_w / 2, h - 8, "mean generated tokens per input", size=12))
+    body.append(_text(14, top + plot_h / 2, metric, size=12, extra=f' transform="rotate(-90 14 {top + plot_h / 2})"'))
+    for n, (name, s) in enumerate(systems.items()):
+        body.append(MARKERS[name](x(s["mean_generated_tokens"]), y(s.get(metric, 0.0)), COLORS[name]))
+        ly = top + 14 + 40 * n  # the legend: one row per system
+        body.append(MARKERS[name](left + plot_w + 34, ly, COLORS[name]))
+        body.append(_text(left + plot_w + 52, ly + 4, NAMES[name], "start", 12))
+        body.append(_text(left + plot_w + 52, ly + 19, f"{100 * s.get(metric, 0.0):.1f}%, {s['mean_generated_tokens']:.1f} tokens",
+                          "start", 11, ' fill="#555"'))  # fmt: skip
+    return _svg(w, h, f"{metric} versus mean generated tokens", body)
+
+
+def _line(points: list[tuple[float, float]], xlabel: str, ylabel: str) -> str:
+    """A line chart (training loss per step)."""
+    w, h, left, top, plot_w, plot_h = 640, 260, 64, 14, 550, 200
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+    ymax = _nice_max(max(ys))
+    x = lambda v: left + plot_w * (v - x0) / (x1 - x0)  # noqa: E731
+    y = lambda v: top + plot_h * (1 - v / ymax)  # noqa: E731
+    body = [f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#333"/>',
+            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#333"/>']  # fmt: skip
+    for i in range(5):
+        v = ymax * i / 4
+        body.append(f'<line x1="{left}" y1="{y(v):.1f}" x2="{left + plot_w}" y2="{y(v):.1f}" stroke="#eee"/>')
+        body.append(_text(left - 6, y(v) + 4, f"{v:.3g}", "end"))
+    ticks = sorted({round(x0 + (x1 - x0) * i / 5) for i in range(6)})
+    body += [_text(x(t), top + plot_h + 16, f"{t:g}") for t in ticks]
+    body.append(_text(left + plot_w / 2, h - 8, xlabel, size=12))
+    body.append(_text(14, top + plot_h / 2, ylabel, size=12, extra=f' transform="rotate(-90 14 {top + plot_h / 2})"'))
+    path = " ".join(f"{x(a):.1f},{y(b):.1f}" for a, b in points)
+    body.append(f'<polyline points="{path}" fill="none" stroke="#2ca02c" stroke-width="2"/>')
+    body += [f'<circle cx="{x(a):.1f}" cy="{y(b):.1f}" r="3" fill="#2ca02c"/>' for a, b in points]
+    return _svg(w, h, f"{ylabel} per {xlabel}", body)
+
+
+def _columns(bars: list[tuple[str, float]], xlabel: str, ylabel: str) -> str:
+    """Vertical bars (the vote-agreement histogram); with many bars, every k-th labelled."""
+    w, h, left, top, plot_w, plot_h = 640, 250, 56, 14, 560, 190
+    ymax = _nice_max(max([v for _, v in bars] + [1]))
+    slot = plot_w / max(len(bars), 1)
+    every = max(1, math.ceil(len(bars) * 40 / plot_w))  # labels at least 40 px apart
+    y = lambda v: top + plot_h * (1 - v / ymax)  # noqa: E731
+    body = [f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#333"/>']
+    for i in range(5):
+        v = ymax * i / 4
+        body.append(f'<line x1="{left}" y1="{y(v):.1f}" x2="{left + plot_w}" y2="{y(v):.1f}" stroke="#eee"/>')
+        body.append(_text(left - 6, y(v) + 4, f"{v:g}", "end"))
+    for n, (name, v) in enumerate(bars):
+        bx = left + slot * n + slot * 0.15
+        body.append(f'<rect x="{bx:.1f}" y="{y(v):.1f}" width="{slot * 0.7:.1f}" height="{top + plot_h - y(v):.1f}" fill="#6b8fb5">'
+                    f"<title>{html.escape(name)}: {v:g}</title></rect>")  # fmt: skip
+        if n % every == 0:
+            body.append(_text(bx + slot * 0.35, top + plot_h + 16, name))
+    body.append(_text(left + plot_w / 2, h - 8, xlabel, size=12))
+    body.append(_text(14, top + plot_h / 2, ylabel, size=12, extra=f' transform="rotate(-90 14 {top + plot_h / 2})"'))
+    return _svg(w, h, f"{ylabel} by {xlabel}", body)
+
+
+STEP_COLORS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#9c755f"]
+
+
+def _stacked(rows: list[tuple[str, dict[str, float]]], unit: str) -> str:
+    """Horizontal stacked bars, one row per system, one segment per step; names in a left
+    column and steps in a legend row above, so no label sits on another."""
+    steps = list(dict.fromkeys(k for _, parts in rows for k in parts))
+    color = {s: STEP_COLORS[i % len(STEP_COLORS)] for i, s in enumerate(steps)}
+    w, left, top, bar_w, row_h = 640, 190, 34, 330, 30
+    h = top + row_h * len(rows) + 10
+    vmax = _nice_max(max([sum(p.values()) for _, p in rows] + [1.0]))
+    body, lx = [], left
+    for s in steps:  # the legend row
+        body.append(f'<rect x="{lx}" y="6" width="12" height="12" fill="{color[s]}"/>')
+        body.append(_text(lx + 16, 16, s, "start"))
+        lx += 30 + 7 * len(s)
+    for n, (name, parts) in enumerate(rows):
+        ry, x = top + row_h * n, left
+        body.append(_text(left - 8, ry + 15, name, "end", 12))
+        for s, v in parts.items():
+            width = bar_w * v / vmax
+            body.append(f'<rect x="{x:.1f}" y="{ry:.1f}" width="{width:.1f}" height="20" fill="{color[s]}">'
+                        f"<title>{html.escape(f'{name}, {s}: {v:.1f} {unit}')}</title></rect>")  # fmt: skip
+            x += width
+        body.append(_text(x + 6, ry + 15, f"{sum(parts.values()):.1f}", "start"))
+    return _svg(w, h, f"{unit} by step", body)
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _answer(system: dict | None) -> str:
+    if system is None:
+        return ""
+    mark = '<span class="ok">✓</span>' if system["correct"] else '<span class="bad">✗</span>'
+    shown = html.escape(str(system["answer"])) if system["answer"] is not None else "<i>no answer</i>"
+    return f'{mark} <b>{shown}</b><div class="out">{html.escape(system.get("output") or "")}</div>'
+
+
+def _examples(ex: dict | None) -> str:
+    """Test inputs side by side; radio buttons and CSS filter them (no script)."""
+    if not ex or not ex.get("rows"):
+        return "<p>No examples recorded (evaluate to see some).</p>"
+    rows = []
+    for r in ex["rows"]:
+        s2 = r.get("system2")
+        reasoning = ""
+        if s2 and s2.get("steps"):
+            steps = "".join(f"<p><b>{html.escape(k)}</b>: {html.escape(v or '')}</p>" for k, v in s2["steps"].items())
+            reasoning = f"<details><summary>reasoning</summary>{steps}</details>"
+        rows.append(
+            f'<tr class="ex-row {r.get("change", "")}"><td class="in">{html.escape(r["input"])}</td>'
+            f'<td>{html.escape(str(r["gold"]))}</td><td>{reasoning}{_answer(s2)}</td>'
+            f'<td>{_answer(r.get("system1"))}</td><td>{_answer(r.get("distilled"))}</td></tr>'
+        )
+    shown = len(ex["rows"])
+    fixed = sum(r.get("change") == "fixed" for r in ex["rows"])
+    broke = sum(r.get("change") == "broke" for r in ex["rows"])
+    return f"""<p>Of all {ex['n']} test inputs, distillation <b>fixed {ex['fixed']}</b> (System 1 wrong, distilled right)
+and <b>broke {ex['broke']}</b> (System 1 right, distilled wrong). {shown} of them here, those first.</p>
+<div class="examples">
+<input type="radio" name="ex" id="ex-all" checked><label for="ex-all">all shown ({shown})</label>
+<input type="radio" name="ex" id="ex-fixed"><label for="ex-fixed">distillation fixed it ({fixed})</label>
+<input type="radio" name="ex" id="ex-broke"><label for="ex-broke">distillation broke it ({broke})</label>
+<table class="ex"><thead><tr><th>input</th><th>gold</th><th>System 2 (reasoning, answer)</th><th>System 1</th>
+<th>Distilled System 1</th></tr></thead><tbody>{"".join(rows)}</tbody></table>
+</div>"""
+
+
+def _fidelity(fid: dict | None) -> str:
+    if not fid:
+        return "<p>Fidelity needs System 2's answers on the test split (<code>eval.system2</code>).</p>"
+    cells = [[NAMES[k], f"{100 * fid[k]:.1f}%"] for k in ("system1", "distilled") if k in fid]
+    verdict = ""
+    if "distilled" in fid:
+        moved, noise = fid["distilled"] - fid["system1"], 2 * math.sqrt(0.25 / fid["n"])  # ~2 standard errors at worst
+        verdict = ("The distilled model answers like System 2 more often than the base model does: "
+                   "System 2's behaviour was absorbed, at least in part" if moved > 0 else
+                   "The distilled model does not answer like System 2 more often than the base model does: "
+                   "no sign that System 2's behaviour was absorbed")  # fmt: skip
+        if abs(moved) < noise:
+            verdict += f"; with n={fid['n']} a difference under {100 * noise:.1f}% is within noise"
+        verdict = f"<p>{verdict}.</p>"
+    return (f"<p>On the {fid['n']} test inputs where System 2 gave an answer: the share where each system gives "
+            f"the same answer, right or wrong (no labels needed).</p>"
+            + _table(["system", "same answer as System 2"], cells) + verdict)  # fmt: skip
 
 
 def render(run: RunDir) -> str:
@@ -143,6 +298,15 @@ def render(run: RunDir) -> str:
                 f"<p>Generation tokens per input: {gen.get('tokens_per_input', 0):.1f} "
                 f"(by step, all samples: {html.escape(steps)}).</p>"
             )
+    token_rows = [(NAMES[k], s.get("tokens_per_step") or {"answer": s["mean_generated_tokens"]}) for k, s in systems.items()]
+    if gen.get("tokens_per_input_per_step"):
+        token_rows.append((f"generation, {cfg.get('filter', {}).get('samples', '')} samples", gen["tokens_per_input_per_step"]))
+    tokens_chart = _stacked(token_rows, "tokens per input") if token_rows else ""
+    hist = sorted((gen.get("agreement_histogram") or {}).items(), key=lambda kv: _fraction(kv[0]))
+    hist_chart = _columns(hist, "votes for the winning answer (of samples drawn)", "inputs") if hist else ""
+    curve = stages.get("train", {}).get("loss_curve") or []
+    loss_chart = (_line([(c[0], c[1]) for c in curve], "training step", "loss") if len(curve) > 1 else
+                  "<p>No loss curve recorded (one step, or trained before s2d recorded it).</p>")  # fmt: skip
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
@@ -152,6 +316,13 @@ th, td {{ border: 1px solid #ccc; padding: .35rem .7rem; text-align: right; }}
 th:first-child, td:first-child {{ text-align: left; }}
 .verdict {{ font-size: 1.15rem; padding: .7rem 1rem; background: #f4f4f4; border-left: 4px solid #888; }}
 .note {{ color: #7a4b00; background: #fff6e5; padding: .6rem 1rem; }}
+svg {{ display: block; margin: .5rem 0 1rem; max-width: 100%; height: auto; }}
+.examples > input {{ margin-left: 1rem; }}
+table.ex th {{ text-align: left; }}
+table.ex td {{ text-align: left; vertical-align: top; font-size: .9rem; max-width: 16rem; overflow-wrap: anywhere; }}
+table.ex .out {{ color: #555; font-size: .8rem; white-space: pre-wrap; max-height: 8rem; overflow: auto; }}
+.ok {{ color: #2ca02c; }} .bad {{ color: #d62728; }}
+#ex-fixed:checked ~ table tr.ex-row:not(.fixed), #ex-broke:checked ~ table tr.ex-row:not(.broke) {{ display: none; }}
 </style></head><body>
 <h1>{title}</h1>
 <p>Model: <code>{html.escape(str(model.get('path') or model.get('name', '')))}</code>.
@@ -161,8 +332,17 @@ Evaluated on the <b>{html.escape(str(evals.get('split', '')))}</b> split.</p>
 <h2>Systems</h2>
 {_table(headers, rows)}
 {_scatter(systems, metric) if systems else ''}
+<h2>Did the distilled model take on System 2's behaviour?</h2>
+{_fidelity(evals.get("fidelity"))}
+<h2>Tokens per input, by step</h2>
+{tokens_chart}
+<h2>Examples</h2>
+{_examples(evals.get("examples"))}
 <h2>Distillation set</h2>
 {filt}
+{hist_chart}
+<h2>Training</h2>
+{loss_chart}
 <h2>Stages: time, tokens, cost</h2>
 {_table(["stage", "wall seconds", "tokens", "device-hours", "cost"], stage_rows)}
 <h2>Estimate beside measurement</h2>
@@ -173,6 +353,15 @@ Evaluated on the <b>{html.escape(str(evals.get('split', '')))}</b> split.</p>
 Device-hours count every device a stage held (engines at the pool's maximum size, trainer workers) for its wall time.</p>
 </body></html>
 """
+
+
+def _fraction(key: str) -> float:
+    """'2/3' -> 0.667 (histogram keys sort by agreement, adaptive runs mixing sample counts)."""
+    a, _, b = key.partition("/")
+    try:
+        return float(a) / float(b)
+    except (ValueError, ZeroDivisionError):
+        return 0.0
 
 
 def write_report(run: RunDir) -> None:
