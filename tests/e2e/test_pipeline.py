@@ -17,7 +17,8 @@ def run_dir(tmp_path_factory, local_job):
     # and the test needs a non-empty distillation set (voting itself is unit-tested).
     proc = s2d(
         "run", str(local_job), "--out", str(out),
-        *overrides("task.train=12", "task.test=6", "filter.samples=3", "sampling.temperature=0.05"),
+        *overrides("task.train=12", "task.test=6", "filter.samples=3", "sampling.temperature=0.05",
+                   "tracking.mlflow=true", f"tracking.uri={out}-mlruns"),
     )  # fmt: skip
     return out, proc
 
@@ -109,3 +110,15 @@ def test_report_is_self_contained_and_honest(run_dir):
     assert "smoke-scale" in page
     assert "System 1" in page and "System 2" in page and "Distilled" in page
     assert "Estimate beside measurement" in page and "tokens per input by step" in page
+
+
+def test_the_run_is_tracked_in_mlflow(run_dir, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # reading MLflow 3's file store, as s2d writes it
+    out, _ = run_dir
+    client = mlflow.MlflowClient(tracking_uri=f"file://{out}-mlruns")
+    (found,) = client.search_runs([client.get_experiment_by_name("s2d-ray").experiment_id])
+    assert found.data.params["method.name"] == "rar2" and found.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(found.info.run_id, "train.loss")] == [1, 2]
+    assert "eval.distilled.accuracy" in found.data.metrics and "generate.kept" in found.data.metrics
+    assert "report.html" in {a.path for a in client.list_artifacts(found.info.run_id)}
