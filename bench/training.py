@@ -80,16 +80,24 @@ def model_flops_per_token(config, seq: int) -> float:
     return 6 * (total - embedding) + 12 * config.num_hidden_layers * config.hidden_size * seq
 
 
-def batches(vocab: int, seq: int, micro: int, count: int, seed: int):
+def batches(vocab: int, seq: int, micro: int, count: int, seed: int, varied: bool = False, bucket: bool = False):
+    """`count` micro-batches of `micro` rows; `varied`: lengths drawn from seq/8..seq (as
+    prompts and answers vary), padded to each micro-batch's longest; `bucket`: the same rows
+    cut by s2d's length bucketing (`train.bucket_window` 16 micro-batches a window)."""
     import random
 
     rng = random.Random(seed)
-    for _ in range(count):
-        rows = []
-        for _ in range(micro):
-            ids = [rng.randrange(3, vocab) for _ in range(seq)]
-            rows.append((ids, [-100] * (seq // 4) + ids[seq // 4 :]))  # prompt masked, as in s2d
-        yield rows
+    rows = []
+    for _ in range(count * micro):
+        n = rng.randint(max(8, seq // 8), seq) if varied else seq
+        ids = [rng.randrange(3, vocab) for _ in range(n)]
+        rows.append((ids, [-100] * (n // 4) + ids[n // 4 :]))  # prompt masked, as in s2d
+    if not bucket:
+        return [rows[i : i + micro] for i in range(0, len(rows), micro)]
+    from s2d_ray.training import bucketed
+
+    window = micro * 16
+    return [b for i in range(0, len(rows), window) for b in bucketed(rows[i : i + window], micro, None, seed)]
 
 
 def child(args) -> dict:
@@ -98,14 +106,19 @@ def child(args) -> dict:
     import torch
 
     gpu = args.device == "cuda"
+    rank, world = int(os.environ.get("BENCH_RANK", "0")), int(os.environ.get("BENCH_WORLD", "1"))
     if not gpu:
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     config = llama_config(args.shape, args.layers)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    total_steps = args.warmup + args.steps
-    data = list(batches(config.vocab_size, args.seq, args.micro_batch, total_steps, seed=0))
+    # The same rows on every side: `--world` x (warm-up + steps) micro-batches, which the
+    # ranks take in turns, so together they see what the single-process loop sees.
+    share = args.world // world
+    data = batches(config.vocab_size, args.seq, args.micro_batch, (args.warmup + args.steps) * args.world, seed=0,
+                   varied=args.varied, bucket=args.side == "zero3_bucketed")[rank::world]  # fmt: skip
+    warmup = args.warmup * share
     torch.manual_seed(0)
-    if args.side == "zero3":
+    if args.side.startswith("zero3"):
         import deepspeed
 
         from s2d_ray.config import TrainConfig
@@ -113,13 +126,13 @@ def child(args) -> dict:
 
         if gpu:
             torch.cuda.set_device(0)
-        local_process_group("nccl" if gpu else "gloo")
+        local_process_group("nccl" if gpu else "gloo", rank, world, int(os.environ.get("BENCH_PORT", "0")) or None)
         cfg = TrainConfig(
-            workers=1, use_gpu=gpu, backend="nccl" if gpu else "gloo", bf16=args.bf16, gradient_checkpointing=gpu,
+            workers=world, use_gpu=gpu, backend="nccl" if gpu else "gloo", bf16=args.bf16, gradient_checkpointing=gpu,
             offload_optimizer=args.offload, micro_batch_size=args.micro_batch, max_seq_len=args.seq, lr=1e-5,
-            steps=total_steps, dropout=0.0,
+            steps=len(data), dropout=0.0,
         )  # fmt: skip
-        ds_config = build_zero3_config(cfg, 1, total_steps, on_cpu=not gpu)
+        ds_config = build_zero3_config(cfg, world, len(data), on_cpu=not gpu)
         model, _, hf_ds = load_zero3_model(config, cfg, ds_config)  # noqa: F841 (kept alive)
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
 
@@ -146,36 +159,57 @@ def child(args) -> dict:
             return loss.detach(), int(mask.sum())
 
     sync = torch.cuda.synchronize if gpu else (lambda: None)
-    for rows in data[: args.warmup]:
+    for rows in data[:warmup]:
         step(rows)
     sync()
-    tokens, started = 0, time.perf_counter()
-    for rows in data[args.warmup :]:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank starts the clock together
+    tokens, padded, started = 0, 0, time.perf_counter()
+    for rows in data[warmup:]:
         loss, n = step(rows)
         tokens += n
+        padded += len(rows) * max(len(ids) for ids, _ in rows)
     float(loss)
     sync()
     seconds = time.perf_counter() - started
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
-    return {"tokens": tokens, "seconds": seconds, "tps": tokens / seconds, "loss": float(loss), "peak_gpu_gib": peak_gib,
+    return {"tokens": tokens, "padded": padded, "seconds": seconds, "tps": tokens / seconds, "loss": float(loss), "peak_gpu_gib": peak_gib,
             "layers": config.num_hidden_layers, "flops_per_token": model_flops_per_token(config, args.seq)}  # fmt: skip
 
 
-def run_child(args, side: str, **over) -> dict:
+def run_child(args, side: str, world: int = 1, **over) -> dict:
+    """One measurement in fresh processes: `world` ranks (ZeRO-3 data parallel) together;
+    tokens summed over the ranks, seconds of the slowest."""
+    from s2d_ray.training import free_port
+
     argv = [sys.executable, __file__, "--child", side, "--device", args.device, "--shape", over.get("shape", args.shape),
             "--seq", str(args.seq), "--micro-batch", str(args.micro_batch), "--steps", str(args.steps),
-            "--warmup", str(args.warmup)]  # fmt: skip
+            "--warmup", str(args.warmup), "--world", str(args.world)]  # fmt: skip
     if over.get("layers"):
         argv += ["--layers", str(over["layers"])]
     if over.get("offload"):
         argv.append("--offload")
     if args.bf16:
         argv.append("--bf16")
-    proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT-JSON ")), None)
-    if proc.returncode != 0 or line is None:
-        sys.exit(f"training bench: the {side} run failed:\n{proc.stderr[-4000:]}")
-    return json.loads(line.removeprefix("RESULT-JSON "))
+    if args.varied:
+        argv.append("--varied")
+    port = str(free_port())
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                              env={**os.environ, "BENCH_RANK": str(r), "BENCH_WORLD": str(world), "BENCH_PORT": port})
+             for r in range(world)]  # fmt: skip
+    results = []
+    for proc in procs:
+        out, err = proc.communicate()
+        line = next((x for x in out.splitlines() if x.startswith("RESULT-JSON ")), None)
+        if proc.returncode != 0 or line is None:
+            sys.exit(f"training bench: the {side} run failed:\n{err[-4000:]}")
+        results.append(json.loads(line.removeprefix("RESULT-JSON ")))
+    first = results[0]
+    tokens, seconds = sum(r["tokens"] for r in results), max(r["seconds"] for r in results)
+    return {**first, "tokens": tokens, "padded": sum(r["padded"] for r in results), "seconds": seconds,
+            "tps": tokens / seconds}  # fmt: skip
 
 
 def spread(values: list[float]) -> str:
@@ -211,27 +245,38 @@ def padding_figures() -> dict[str, tuple[float, float]]:
 
 
 def cpu_mode(args) -> None:
-    """s2d's ZeRO-3 step on one CPU rank against a plain torch loop: same model, data,
-    steps and dtype, alternating, repeated."""
-    runs: dict[str, list[dict]] = {"zero3": [], "plain": []}
+    """s2d's ZeRO-3 step on `--world` CPU ranks (default 2, the local jobs' workers), in
+    micro-batches as they come and length-bucketed, against a plain single-process torch
+    loop with every core: same model, rows, tokens and dtype, alternating, repeated."""
+    sides = {"plain": 1, "zero3": args.world, "zero3_bucketed": args.world}
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
     for rep in range(args.repeat):
-        for side in ("zero3", "plain") if rep % 2 == 0 else ("plain", "zero3"):
-            runs[side].append(run_child(args, side))
-    z = [r["tps"] for r in runs["zero3"]]
-    p = [r["tps"] for r in runs["plain"]]
-    ratio = statistics.median(z) / statistics.median(p)
+        order = list(sides) if rep % 2 == 0 else list(sides)[::-1]
+        for side in order:
+            runs[side].append(run_child(args, side, world=sides[side]))
+    tps = {side: [r["tps"] for r in rs] for side, rs in runs.items()}
+    tokens = {side: {r["tokens"] for r in rs} for side, rs in runs.items()}
+    # Bucketing re-cuts the same rows, so its warm-up micro-batches (not measured) differ.
+    assert len(tokens["plain"] | tokens["zero3"]) == 1, f"the sides trained on different tokens: {tokens}"
+    ratio = statistics.median(tps["zero3"]) / statistics.median(tps["plain"])
+    bucketing = statistics.median(tps["zero3_bucketed"]) / statistics.median(tps["zero3"])
+    pad = {side: 1 - rs[0]["tokens"] / rs[0]["padded"] for side, rs in runs.items()}
     print(f"CPU, {args.shape} shape ({runs['zero3'][0]['layers']} layers), {'bf16' if args.bf16 else 'fp32'}, "
-          f"{args.micro_batch} x {args.seq} tokens a step, {args.steps} steps after {args.warmup} warm-up, "
-          f"{args.repeat} alternating runs each (tokens/s, non-padding):")  # fmt: skip
-    print(f"  plain torch loop  {spread(p)}")
-    print(f"  s2d ZeRO-3        {spread(z)}")
+          f"micro-batches of {args.micro_batch} rows of {'seq/8 to ' if args.varied else ''}{args.seq} tokens, "
+          f"{args.steps * args.world} micro-batches after {args.warmup * args.world} warm-up "
+          f"({next(iter(tokens['plain']))} non-padding tokens), {args.repeat} alternating runs each "
+          f"(non-padding tokens/s; padding share):")  # fmt: skip
+    print(f"  plain torch loop, 1 process             {spread(tps['plain'])}; {pad['plain']:.0%}")
+    print(f"  s2d ZeRO-3, {args.world} ranks                   {spread(tps['zero3'])}; {pad['zero3']:.0%}")
+    print(f"  s2d ZeRO-3, {args.world} ranks, length-bucketed  {spread(tps['zero3_bucketed'])}; {pad['zero3_bucketed']:.0%}")
     padding = padding_figures()
     print("padding share of micro-batches, in order -> length-bucketed (local jobs' train inputs, gold targets):")
     for job, (before, after) in padding.items():
         print(f"  {job:<20} {before:6.1%} -> {after:6.1%}")
     worst = max(padding, key=lambda j: padding[j][0])
-    print(f"RESULT device=cpu shape={args.shape} zero3_tps={statistics.median(z):.1f} "
-          f"plain_tps={statistics.median(p):.1f} ratio_zero3_plain={ratio:.3f} "
+    print(f"RESULT device=cpu shape={args.shape} world={args.world} plain_tps={statistics.median(tps['plain']):.1f} "
+          f"zero3_tps={statistics.median(tps['zero3']):.1f} ratio_zero3_plain={ratio:.3f} "
+          f"ratio_bucketed={bucketing:.3f} "
           f"padding_in_order_{worst}={padding[worst][0]:.3f} padding_bucketed_{worst}={padding[worst][1]:.3f}")  # fmt: skip
 
 
@@ -279,14 +324,18 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--offload", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bf16", action="store_true", default=None, help="CPU mode: bf16 (CUDA: always)")
-    parser.add_argument("--child", choices=["zero3", "plain"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--world", type=int, default=2, help="CPU mode: ZeRO-3 ranks (default 2)")
+    parser.add_argument("--varied", action="store_true", default=None, help="rows of varied lengths (CPU default)")
+    parser.add_argument("--child", choices=["zero3", "zero3_bucketed", "plain"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     gpu = args.device == "cuda"
     defaults = {"seq": 2048 if gpu else 128, "micro_batch": 4, "steps": 10 if gpu else 3, "warmup": 3 if gpu else 1,
-                "repeat": 2 if gpu else 3, "bf16": gpu}  # fmt: skip
+                "repeat": 2 if gpu else 3, "bf16": gpu, "varied": not gpu}  # fmt: skip
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if gpu:
+        args.world = 1  # one GPU: one rank (tokens/s per GPU)
     if args.child:
         args.side = args.child
         print("RESULT-JSON " + json.dumps(child(args)), flush=True)

@@ -126,7 +126,7 @@ class Tracker:
 
     def _plain_line(self) -> None:
         self._printed = time.monotonic()
-        self._printed_done = self.done
+        self._printed_at = (self.done, self.status)
         self.console.line(f"[s2d] {self.summary()}")
 
     def close(self) -> None:
@@ -137,7 +137,7 @@ class Tracker:
         if self._bar is not None:
             self.console._close_bar(self._bar[0])
             self._bar = None
-        if self.done != getattr(self, "_printed_done", None) or time.monotonic() - self._printed > 2.0:
+        if (self.done, self.status) != getattr(self, "_printed_at", None):  # not what the last line said
             self._plain_line()
 
     def __enter__(self) -> Tracker:

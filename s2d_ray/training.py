@@ -293,6 +293,7 @@ def train_loop(config: dict) -> None:
                 raise RuntimeError(f"rank {rank}: the checkpoint in {folder} could not be loaded ({sorted(os.listdir(folder))})")
         first, tokens_seen, consumed = state["step"] + 1, state["tokens"], state["micro_batches"]
         padded = state.get("padded", tokens_seen)
+        started -= state.get("seconds", 0.0)  # training time so far: tokens/s stays a rate of training
         for _ in range(consumed):
             next(batches)
         if rank == 0:
@@ -327,7 +328,8 @@ def train_loop(config: dict) -> None:
             )
             note_step(config["progress"], {**metrics, "steps": steps, "padding": 1 - tokens_seen / max(padded, 1)})
         if every and step % every == 0 and step < steps:
-            save_checkpoint(engine, rank, {"step": step, "tokens": tokens_seen, "micro_batches": consumed, "padded": padded}, metrics)
+            state = {"step": step, "tokens": tokens_seen, "micro_batches": consumed, "padded": padded, "seconds": elapsed}
+            save_checkpoint(engine, rank, state, metrics)
 
     if metrics["step"] == 0:  # nothing came down the stream: no model, not the base one renamed
         ray.train.report(metrics)
@@ -384,7 +386,9 @@ class StepWatch:
         self.path, self.steps, self.log = path, steps, log
         self.per_step = isinstance(log, Console) and log.tty
         self.tracker = progress(log, "train", steps, "steps")
-        self._offset, self._stop = 0, None
+        # Only what this command's training writes (an earlier, interrupted one wrote the rest).
+        self._offset = path.stat().st_size if path.exists() else 0
+        self._stop = None
 
     def __enter__(self) -> "StepWatch":
         import threading

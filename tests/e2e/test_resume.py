@@ -13,7 +13,7 @@ from tests.conftest import ROOT, S2D, overrides, s2d
 
 pytestmark = pytest.mark.e2e
 
-INPUTS = 12
+INPUTS = 16  # 4 batches: some are still to do when the first part lands
 
 
 def test_interrupted_generation_resumes_without_redoing_work(tmp_path, local_job):
@@ -30,12 +30,8 @@ def test_interrupted_generation_resumes_without_redoing_work(tmp_path, local_job
         while not list(parts_dir.glob("part-*.parquet")):
             assert proc.poll() is None, "generation ended before it could be interrupted"
             assert time.time() < deadline, "no part written in time"
-            time.sleep(0.5)
-        # A second process on the same run directory is refused while the first runs.
-        second = s2d(*args, check=False)
-        assert second.returncode == 1 and f"in use by `s2d generate` (pid {proc.pid} on " in second.stderr
-        assert len(second.stderr.strip().splitlines()) == 1
-    finally:
+            time.sleep(0.2)
+    finally:  # at once: (a second process on the run directory is refused: tests/unit/test_rundir.py)
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait()
     first = {p.name: p.stat().st_mtime_ns for p in parts_dir.glob("part-*.parquet")}

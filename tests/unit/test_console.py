@@ -105,6 +105,7 @@ def test_read_steps_keeps_the_last_run_of_each_step_and_the_resumes(tmp_path):
 
 def test_the_driver_shows_rank_0s_steps_and_resumes(tmp_path):
     path = tmp_path / "steps.jsonl"
+    path.write_text(json.dumps({"resumed": 0, "steps": 3}) + "\n")  # an earlier command's: not shown again
     console, term = _plain()
     with StepWatch(path, 3, console):
         with open(path, "a") as f:

@@ -12,6 +12,7 @@ import pytest
 from s2d_ray import rundir
 from s2d_ray.errors import S2DError
 from s2d_ray.rundir import RunDir, RunDirInUse, atomic_write_json, read_parts, replace_dir, write_part
+from tests.conftest import ROOT, S2D
 
 HOLD = textwrap.dedent(
     """
@@ -31,6 +32,12 @@ def test_a_second_writer_is_refused_with_the_holder_named(tmp_path):
         with pytest.raises(RunDirInUse, match=rf"in use by `s2d generate` \(pid {holder.pid} on "):
             with RunDir(tmp_path).lock("run"):
                 pass
+        # The command: one line, exit 1, before anything starts.
+        job = ROOT / "jobs" / "local" / "last-letter-rar2.yaml"
+        second = subprocess.run([*S2D, "generate", str(job), "--out", str(tmp_path)], capture_output=True, text=True,
+                                cwd=ROOT, timeout=120)  # fmt: skip
+        assert second.returncode == 1 and f"in use by `s2d generate` (pid {holder.pid} on " in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1, second.stderr
     finally:
         holder.kill()
         holder.wait()
