@@ -266,9 +266,9 @@ def cpu_mode(args) -> None:
           f"{args.steps * args.world} micro-batches after {args.warmup * args.world} warm-up "
           f"({next(iter(tokens['plain']))} non-padding tokens), {args.repeat} alternating runs each "
           f"(non-padding tokens/s; padding share):")  # fmt: skip
-    print(f"  plain torch loop, 1 process             {spread(tps['plain'])}; {pad['plain']:.0%}")
-    print(f"  s2d ZeRO-3, {args.world} ranks                   {spread(tps['zero3'])}; {pad['zero3']:.0%}")
-    print(f"  s2d ZeRO-3, {args.world} ranks, length-bucketed  {spread(tps['zero3_bucketed'])}; {pad['zero3_bucketed']:.0%}")
+    for side, label in (("plain", "plain torch loop, 1 process"), ("zero3", f"s2d ZeRO-3, {args.world} ranks"),
+                        ("zero3_bucketed", f"s2d ZeRO-3, {args.world} ranks, length-bucketed")):  # fmt: skip
+        print(f"  {label:<38} {spread(tps[side])}; padding {pad[side]:.0%}")
     padding = padding_figures()
     print("padding share of micro-batches, in order -> length-bucketed (local jobs' train inputs, gold targets):")
     for job, (before, after) in padding.items():
