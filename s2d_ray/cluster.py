@@ -32,6 +32,8 @@ def ray_session(cfg: JobConfig):
         configure_logging=True,
     )
     _check(cfg)
+    # Into RUN/logs/ (stdout): where Ray keeps its own services' logs.
+    print(f"s2d: Ray's session logs (raylet, GCS, each worker's files): {ray_logs_dir()}", flush=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     ctx.print_on_execution_start = False
@@ -40,6 +42,14 @@ def ray_session(cfg: JobConfig):
         yield ray
     finally:
         ray.shutdown()
+
+
+def ray_logs_dir() -> str:
+    """Where this Ray session keeps its logs (the workers' tracebacks), as Ray itself says."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # no public API in Ray 2.60
+    return node.get_logs_dir_path() if node is not None else "the Ray session's logs folder"
 
 
 def _check(cfg: JobConfig) -> None:

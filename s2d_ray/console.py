@@ -213,8 +213,11 @@ def terminal(logs_dir: Path, command: str, verbose: bool = False):
         if not isinstance(err, SystemExit):
             import traceback
 
+            from s2d_ray.errors import S2DError
+
             sys.stderr.write("".join(traceback.format_exception(err)))
-            console.line(f"[s2d] this command's log: {path}")
+            if not isinstance(err, S2DError):  # not an error s2d explains in its line: where to look
+                console.line(f"[s2d] this command's log: {path}")
         raise
     finally:
         sys.stdout.flush()

@@ -775,19 +775,13 @@ def fit(
     }
 
 
-def _ray_logs_dir() -> str:
-    """Where this Ray session keeps its logs (the workers' tracebacks), as Ray itself says."""
-    import ray
-
-    node = getattr(ray._private.worker, "_global_node", None)  # no public API in Ray 2.60
-    return node.get_logs_dir_path() if node is not None else "the Ray session's logs folder"
-
-
 def _run_trainer(ds, steps: int, model_path: Path, storage: Path, cfg: TrainConfig, stream: bool, name: str,
                  steps_file: Path):  # fmt: skip
     """Ray Train's fit; returns (the exported model's folder in storage, final metrics)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from s2d_ray.cluster import ray_logs_dir
 
     env = {"TOKENIZERS_PARALLELISM": "false"}
     on_cpu = not cfg.use_gpu or fake_gpus()  # fake GPUs (tests): GPU resources, CPU compute
@@ -829,7 +823,7 @@ def _run_trainer(ds, steps: int, model_path: Path, storage: Path, cfg: TrainConf
         resume = f"; the latest checkpoint is kept ({kept[-1].name}): rerun the same command to resume" if kept else ""
         raise S2DError(
             f"training failed after {cfg.max_failures} restart(s): {cause[-1] if cause else type(err).__name__}"
-            f"{resume} (full log: {_ray_logs_dir()})"
+            f"{resume} (full log: {ray_logs_dir()})"
         ) from None
     metrics = result.metrics or {}
     if result.checkpoint is None or not metrics.get("final"):

@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -115,3 +116,18 @@ def test_the_driver_shows_rank_0s_steps_and_resumes(tmp_path):
     lines = term.getvalue().splitlines()
     assert lines[0] == "[s2d] train: resumed from the checkpoint of step 1 of 3"
     assert lines[-1].startswith("[s2d] train: 3/3 steps (100%), loss 0.3333, 50 tok/s/worker (padding 10%)")
+
+
+def test_on_a_terminal_a_live_bar_then_one_line_per_step_and_the_stage_summary(tmp_path):
+    path = tmp_path / "steps.jsonl"
+    term = io.StringIO()
+    console = Console(term, tty=True)
+    with StepWatch(path, 2, console):
+        with open(path, "a") as f:
+            for step in (1, 2):
+                f.write(json.dumps({"step": step, "loss": 1.0, "tokens": 10, "seconds": 1.0, "padding": 0.0}) + "\n")
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", term.getvalue())
+    lines = [line.strip() for line in shown.replace("\r", "\n").splitlines() if line.strip().startswith("[s2d]")]
+    assert lines == ["[s2d] train step 1/2: loss 1.0000, 10 tok/s/worker (padding 0%)",
+                     "[s2d] train step 2/2: loss 1.0000, 10 tok/s/worker (padding 0%)",
+                     lines[-1]] and lines[-1].startswith("[s2d] train: 2/2 steps (100%)"), lines  # fmt: skip
