@@ -23,6 +23,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -196,15 +197,26 @@ def run_child(args, side: str, world: int = 1, **over) -> dict:
     if args.varied:
         argv.append("--varied")
     port = str(free_port())
-    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    logs = [tempfile.TemporaryFile(mode="w+") for _ in range(world)]  # files, not pipes: no rank blocks on output
+    procs = [subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                               env={**os.environ, "BENCH_RANK": str(r), "BENCH_WORLD": str(world), "BENCH_PORT": port})
-             for r in range(world)]  # fmt: skip
+             for r, log in enumerate(logs)]  # fmt: skip
+    deadline = time.time() + 1800
+    while any(p.poll() is None for p in procs):
+        failed = any(p.poll() not in (None, 0) for p in procs)
+        if failed or time.time() > deadline:  # one rank died: the others would wait in a collective
+            for p in procs:
+                p.kill()
+            break
+        time.sleep(0.5)
     results = []
-    for proc in procs:
-        out, err = proc.communicate()
+    for proc, log in zip(procs, logs):
+        proc.wait()
+        log.seek(0)
+        out = log.read()
         line = next((x for x in out.splitlines() if x.startswith("RESULT-JSON ")), None)
         if proc.returncode != 0 or line is None:
-            sys.exit(f"training bench: the {side} run failed:\n{err[-4000:]}")
+            sys.exit(f"training bench: the {side} run failed:\n{out[-4000:]}")
         results.append(json.loads(line.removeprefix("RESULT-JSON ")))
     first = results[0]
     tokens, seconds = sum(r["tokens"] for r in results), max(r["seconds"] for r in results)

@@ -22,11 +22,16 @@ SET = click.option(
 )
 
 
-def _load(job: str, overrides: tuple[str, ...], out: str | None):
+def _load(job: str, overrides: tuple[str, ...], out: str | None, runs_here: bool = True):
+    """The job and its run directory; `runs_here`: this command runs it (its tracking must work)."""
     from s2d_ray.config import load_config
     from s2d_ray.rundir import RunDir
 
     cfg = load_config(job, overrides)
+    if runs_here:
+        from s2d_ray import tracking
+
+        tracking.check(cfg)
     return cfg, RunDir(out or cfg.out)
 
 
@@ -167,7 +172,7 @@ def estimate(job, overrides, price):
         if price < 0:
             raise click.UsageError("--gpu-hour-price must be >= 0")
         overrides = (*overrides, f"cost.device_hour_price={price}")
-    cfg, _ = _load(job, overrides, None)
+    cfg, _ = _load(job, overrides, None, runs_here=False)
     click.echo(render(cfg, predict(cfg)))
 
 

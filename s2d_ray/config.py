@@ -272,14 +272,6 @@ class TrackingConfig(Strict):
             raise ValueError(f"{value!r}: not an MLflow tracking URI (a folder, http(s)://, file:, databricks, sqlite:///...)")
         return value
 
-    @model_validator(mode="after")
-    def _installed(self):
-        if self.mlflow:
-            import importlib.util
-
-            if importlib.util.find_spec("mlflow") is None:
-                raise ValueError("tracking.mlflow needs MLflow: pip install 's2d-ray[tracking]' (or set tracking.mlflow: false)")
-        return self
 
 
 class RayConfig(Strict):

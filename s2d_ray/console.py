@@ -52,10 +52,15 @@ class Console:
             if self.log_file is not None:
                 self.log_file.write(f"{time.strftime('%H:%M:%S')} {text}\n")
                 self.log_file.flush()
-            if self._live is not None:
-                self._live.console.print(text, markup=False, highlight=False, soft_wrap=True)
-            else:
-                print(text, file=self.term, flush=True)
+            if self.term is None:
+                return
+            try:
+                if self._live is not None:
+                    self._live.console.print(text, markup=False, highlight=False, soft_wrap=True)
+                else:
+                    print(text, file=self.term, flush=True)
+            except (OSError, ValueError):  # the terminal went away (a closed pipe, a hangup):
+                self.term, self._live = None, None  # the run goes on; the log file has it all
 
     def progress(self, name: str, total: int, unit: str) -> Tracker:
         return Tracker(self, name, total, unit)
@@ -64,10 +69,14 @@ class Console:
         from rich.console import Console as RichConsole
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+        try:  # rich would look at fds 0-2 for the width; 1 and 2 are the log file now
+            width = os.get_terminal_size(self.term.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            width = None
         bar = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
             TextColumn("{task.fields[status]}"),
-            console=RichConsole(file=self.term, force_terminal=True), transient=True,
+            console=RichConsole(file=self.term, force_terminal=True, width=width), transient=True,
             redirect_stdout=False, redirect_stderr=False, refresh_per_second=4,
         )  # fmt: skip
         bar.start()
@@ -79,7 +88,10 @@ class Console:
     def _close_bar(self, bar) -> None:
         with self._lock:
             self._live = None
-        bar.stop()
+        try:
+            bar.stop()
+        except (OSError, ValueError):  # the terminal went away
+            self.term = None
 
 
 class Tracker:
@@ -90,7 +102,8 @@ class Tracker:
         self.done, self.status = 0, ""
         self.started = time.monotonic()
         self._printed = self.started
-        self._bar = console._open_bar(self) if console.tty else None
+        self.base = 0  # where this command took up the work (a resumed training's step)
+        self._bar = console._open_bar(self) if console.tty and console.term is not None else None
         # Elapsed time and ETA move, and a plain line comes, while nothing finishes (an
         # engine loading a 70B model for minutes).
         self._closed = threading.Event()
@@ -101,9 +114,9 @@ class Tracker:
             self.update()
 
     def eta(self) -> str:
-        if not self.done or self.done >= self.total:
+        if self.done <= self.base or self.done >= self.total:
             return ""
-        left = (time.monotonic() - self.started) / self.done * (self.total - self.done)
+        left = (time.monotonic() - self.started) / (self.done - self.base) * (self.total - self.done)
         return f"ETA {duration(left)}"
 
     def summary(self) -> str:
@@ -113,6 +126,8 @@ class Tracker:
         return ", ".join(p for p in parts if p)
 
     def update(self, done: int | None = None, status: str | None = None) -> None:
+        if self._closed.is_set():  # the heartbeat, late: the stage's last line is out
+            return
         if done is not None:
             self.done = min(int(done), self.total) if self.total else int(done)
         if status is not None:
@@ -120,7 +135,10 @@ class Tracker:
         if self._bar is not None:
             bar, task = self._bar
             shown = ", ".join(p for p in (self.status, duration(time.monotonic() - self.started), self.eta()) if p)
-            bar.update(task, completed=self.done, status=shown)
+            try:
+                bar.update(task, completed=self.done, status=shown)
+            except (OSError, ValueError):
+                pass
         elif time.monotonic() - self._printed >= self.console.every_s:
             self._plain_line()
 
@@ -148,7 +166,7 @@ class Tracker:
 
 
 class _NoTracker:
-    done = 0
+    done = base = 0
 
     def update(self, done=None, status=None) -> None:
         pass
@@ -188,15 +206,18 @@ def terminal(logs_dir: Path, command: str, verbose: bool = False):
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     logs_dir.mkdir(parents=True, exist_ok=True)
     path = logs_dir / log_name(command)
+    log_file = open(path, "a", buffering=1, encoding="utf-8", errors="replace")  # first: nothing to undo if refused
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(fd) for fd in fds]
     term = os.fdopen(os.dup(saved[1]), "w", buffering=1, encoding="utf-8", errors="replace")
-    log_file = open(path, "a", buffering=1, encoding="utf-8", errors="replace")
+    # --verbose: the libraries' lines interleave with s2d's, so plain progress lines, no bar
+    # (a bar redrawn under text written behind its back leaves copies of itself).
+    console = Console(term, log_file, tty=False if verbose else None)
     tee = None
     if verbose:
         read_end, write_end = os.pipe()
-        tee = threading.Thread(target=_tee, args=(read_end, log_file, os.dup(saved[1])), daemon=True)
+        tee = threading.Thread(target=_tee, args=(read_end, console, os.dup(saved[1])), daemon=True)
         tee.start()
         target = write_end
     else:
@@ -205,7 +226,6 @@ def terminal(logs_dir: Path, command: str, verbose: bool = False):
         os.dup2(target, fd)
     if verbose:
         os.close(target)
-    console = Console(term, log_file)
     console(f"logs: {path}" + ("" if verbose else " (--verbose shows them here too)"))
     try:
         yield console
@@ -231,14 +251,17 @@ def terminal(logs_dir: Path, command: str, verbose: bool = False):
         log_file.close()
 
 
-def _tee(read_end: int, log_file: TextIO, term_fd: int) -> None:
+def _tee(read_end: int, console: Console, term_fd: int) -> None:
+    """--verbose: the libraries' output to the log file and the terminal, byte for byte,
+    under the console's lock (s2d's own lines never land inside a library's line)."""
     with os.fdopen(read_end, "rb", buffering=0) as pipe:
         while chunk := pipe.read(65536):
-            text = chunk.decode("utf-8", errors="replace")
-            try:
-                log_file.write(text)
-                log_file.flush()
-                os.write(term_fd, chunk)
-            except (OSError, ValueError):  # the command is ending: the log file was closed
-                pass
+            with console._lock:
+                try:
+                    console.log_file.flush()
+                    console.log_file.buffer.write(chunk)
+                    console.log_file.buffer.flush()
+                    os.write(term_fd, chunk)
+                except (OSError, ValueError):  # the command is ending (the log file is closed), or no terminal
+                    pass
     os.close(term_fd)

@@ -23,7 +23,7 @@ def _text(x: float, y: float, text: str, anchor: str = "middle", size: int = 11,
 
 def _nice_max(v: float) -> float:
     """A round axis maximum at or above `v`."""
-    if v <= 0:
+    if not math.isfinite(v) or v <= 0:
         return 1.0
     mag = 10 ** math.floor(math.log10(v))
     return next(m * mag for m in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10) if m * mag >= v)
@@ -305,8 +305,12 @@ def render(run: RunDir) -> str:
     hist = sorted((gen.get("agreement_histogram") or {}).items(), key=lambda kv: _fraction(kv[0]))
     hist_chart = _columns(hist, "votes for the winning answer (of samples drawn)", "inputs") if hist else ""
     curve = stages.get("train", {}).get("loss_curve") or []
-    loss_chart = (_line([(c[0], c[1]) for c in curve], "training step", "loss") if len(curve) > 1 else
+    finite = [(c[0], c[1]) for c in curve if c[1] is not None and math.isfinite(c[1])]
+    loss_chart = (_line(finite, "training step", "loss") if len(finite) > 1 else
                   "<p>No loss curve recorded (one step, or trained before s2d recorded it).</p>")  # fmt: skip
+    if len(finite) < len(curve):
+        bad = [str(c[0]) for c in curve if c[1] is None or not math.isfinite(c[1])]
+        loss_chart += f'<p class="note">The loss was not finite at step(s) {html.escape(", ".join(bad[:20]))}: training diverged.</p>'
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>

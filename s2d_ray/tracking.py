@@ -10,9 +10,11 @@ run directory holds everything, and the next command logs again."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from s2d_ray.config import JobConfig, config_dict
+from s2d_ray.errors import S2DError
 from s2d_ray.rundir import RunDir
 
 PARAM_CHARS = 500  # MLflow limits a parameter's value; longer ones (prompts) are cut
@@ -33,6 +35,14 @@ def uri(cfg: JobConfig, run: RunDir) -> str:
     return value
 
 
+def check(cfg: JobConfig) -> None:
+    """Where a command runs the job (not `s2d submit`, whose cluster image has the extra)."""
+    import importlib.util
+
+    if cfg.tracking.mlflow and importlib.util.find_spec("mlflow") is None:
+        raise S2DError("tracking.mlflow needs MLflow: pip install 's2d-ray[tracking]' (or set tracking.mlflow: false)")
+
+
 def flatten(data: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in data.items():
@@ -45,7 +55,8 @@ def flatten(data: dict, prefix: str = "") -> dict:
 
 
 def _numbers(data: dict, prefix: str) -> dict[str, float]:
-    return {k: float(v) for k, v in flatten(data, prefix).items()
+    """Numeric figures by MLflow-safe names (keys such as failure reasons are free text)."""
+    return {re.sub(r"[^\w./\- ]", "_", k)[:250]: float(v) for k, v in flatten(data, prefix).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
 
 
@@ -64,10 +75,10 @@ class MlflowRun:
         if known.get("uri") != self.uri or not known.get("mlflow_run_id"):
             return None
         try:
-            self.client.get_run(known["mlflow_run_id"])
-        except Exception:  # deleted, or another store: start a new one
+            found = self.client.get_run(known["mlflow_run_id"])
+        except Exception:  # another store: start a new one
             return None
-        return known["mlflow_run_id"]
+        return known["mlflow_run_id"] if found.info.lifecycle_stage == "active" else None  # deleted: a new one
 
     def _create(self) -> str:
         from mlflow.entities import Param
@@ -78,19 +89,22 @@ class MlflowRun:
         created = self.client.create_run(experiment_id, run_name=self.cfg.name,
                                          tags={"s2d.run_dir": str(self.run.root), "s2d.task": self.cfg.task.name,
                                                "s2d.method": self.cfg.method.name})  # fmt: skip
+        # Recorded at once: a failure below must not make the next call create another run.
+        self.run.update_run(tracking={"uri": self.uri, "mlflow_run_id": created.info.run_id})
         params = [Param(k, str(v)[:PARAM_CHARS]) for k, v in sorted(flatten(config_dict(self.cfg)).items())]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters a call
             self.client.log_batch(created.info.run_id, params=params[i : i + 100])
-        self.run.update_run(tracking={"uri": self.uri, "mlflow_run_id": created.info.run_id})
         return created.info.run_id
 
-    def metrics(self, values: dict[str, float], step: int = 0) -> None:
+    def metrics(self, values: dict[str, float], step: int = 0, series: list[tuple[int, dict[str, float]]] = ()) -> None:
+        """`values` at `step`, and `series`: (step, values) pairs; 1000 a request."""
         import time
 
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, v, now, step) for k, v in values.items()]
+        batch += [Metric(k, v, now, s) for s, figures in series for k, v in figures.items()]
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.id, metrics=batch[i : i + 1000])
 
@@ -114,9 +128,9 @@ def stage(cfg: JobConfig, run: RunDir, name: str, data: dict, log=print) -> None
     """A stage's figures; for training also its loss and throughput per step."""
 
     def send(ml: MlflowRun) -> None:
-        ml.metrics(_numbers({k: v for k, v in data.items() if k != "loss_curve"}, f"{name}."))
-        for step, loss, rate in data.get("loss_curve") or []:
-            ml.metrics({"train.loss": loss, "train.tokens_per_s_per_worker": rate}, step=int(step))
+        curve = [(int(s), {"train.loss": loss, "train.tokens_per_s_per_worker": rate})
+                 for s, loss, rate in data.get("loss_curve") or []]  # fmt: skip
+        ml.metrics(_numbers({k: v for k, v in data.items() if k != "loss_curve"}, f"{name}."), series=curve)
 
     _safely(cfg, run, log, f"the {name} stage", send)
 

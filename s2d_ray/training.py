@@ -293,9 +293,11 @@ def train_loop(config: dict) -> None:
                 raise RuntimeError(f"rank {rank}: the checkpoint in {folder} could not be loaded ({sorted(os.listdir(folder))})")
         first, tokens_seen, consumed = state["step"] + 1, state["tokens"], state["micro_batches"]
         padded = state.get("padded", tokens_seen)
-        started -= state.get("seconds", 0.0)  # training time so far: tokens/s stays a rate of training
         for _ in range(consumed):
             next(batches)
+        # Training time so far, without this restart's loading and skipping: tokens/s stays
+        # a rate of training.
+        started = time.perf_counter() - state.get("seconds", 0.0)
         if rank == 0:
             print(f"train: resumed from the checkpoint of step {state['step']} of {steps} ({Path(loaded).parent.parent.name})", flush=True)
             note_step(config["progress"], {"resumed": state["step"], "steps": steps})
@@ -352,8 +354,11 @@ def train_loop(config: dict) -> None:
 def note_step(path: str, record: dict) -> None:
     """Rank 0: one line per step (or resume) in the attempt's progress file, read by the
     driver for its live progress and kept as the run's loss curve."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as err:  # progress only: never worth a failed step (the loss is printed in the log too)
+        print(f"train: could not write the progress file {path}: {err}", flush=True)
 
 
 def read_steps(path: Path) -> tuple[list[dict], list[int]]:
@@ -424,6 +429,7 @@ class StepWatch:
                 continue
             if "resumed" in rec:
                 self.log(f"train: resumed from the checkpoint of step {rec['resumed']} of {rec['steps']}")
+                self.tracker.base = int(rec["resumed"])  # the ETA counts only this command's steps
                 continue
             rate = rec["tokens"] / max(rec["seconds"], 1e-9)
             status = f"loss {rec['loss']:.4f}, {rate:,.0f} tok/s/worker (padding {rec['padding']:.0%})"

@@ -167,3 +167,11 @@ def test_chromium_renders_the_report_without_console_errors(tmp_path):
     bad.write_text("<!doctype html><body><script>undefinedFunction()</script></body>")
     console, inked = _open(bad, tmp_path)
     assert any("undefinedFunction" in line for line in console) and inked < 0.001
+
+
+def test_a_diverged_training_still_gets_its_report(tmp_path):
+    run = _run_dir(tmp_path)
+    curve = [[1, 2.0, 40.0], [2, float("nan"), 40.0], [3, float("inf"), 40.0], [4, 1.0, 40.0]]
+    run.update_run(stages={"train": {"steps": 4, "seconds": 5.0, "loss_curve": curve}})
+    page = render(run)
+    assert "not finite at step(s) 2, 3: training diverged" in page and "nan" not in page.lower().replace("nano", "")
