@@ -29,6 +29,24 @@ def _nice_max(v: float) -> float:
     return next(m * mag for m in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10) if m * mag >= v)
 
 
+def _axes(box: tuple[float, float, float, float], h: float, yticks: list[tuple[float, str]],
+          xticks: list[tuple[float, str]], xlabel: str, ylabel: str | None = None) -> list[str]:
+    """A chart's frame: axes of the plot area `box` (left, top, width, height), grid lines
+    and labels at the given pixel positions, the axis titles."""
+    left, top, plot_w, plot_h = box
+    base = top + plot_h
+    out = [f'<line x1="{left}" y1="{base}" x2="{left + plot_w}" y2="{base}" stroke="#333"/>',
+           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{base}" stroke="#333"/>']  # fmt: skip
+    for py, label in yticks:
+        out.append(f'<line x1="{left}" y1="{py:.1f}" x2="{left + plot_w}" y2="{py:.1f}" stroke="#eee"/>')
+        out.append(_text(left - 6, py + 4, label, "end"))
+    out += [_text(px, base + 16, label) for px, label in xticks]
+    out.append(_text(left + plot_w / 2, h - 8, xlabel, size=12))
+    if ylabel:
+        out.append(_text(14, top + plot_h / 2, ylabel, size=12, extra=f' transform="rotate(-90 14 {top + plot_h / 2})"'))
+    return out
+
+
 MARKERS = {  # distinct shapes and sizes: two systems on the same spot both stay visible
     "system1": lambda x, y, c: f'<circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="{c}"/>',
     "system2": lambda x, y, c: f'<rect x="{x - 6:.1f}" y="{y - 6:.1f}" width="12" height="12" fill="{c}"/>',
@@ -43,15 +61,9 @@ def _scatter(systems: dict[str, dict], metric: str) -> str:
     max_tok = _nice_max(max([s["mean_generated_tokens"] for s in systems.values()] + [1.0]) * 1.1)
     x = lambda t: left + plot_w * t / max_tok  # noqa: E731
     y = lambda a: top + plot_h * (1 - a)  # noqa: E731
-    body = [f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#333"/>',
-            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#333"/>']  # fmt: skip
-    for frac in (0, 0.25, 0.5, 0.75, 1.0):
-        body.append(f'<line x1="{left}" y1="{y(frac):.1f}" x2="{left + plot_w}" y2="{y(frac):.1f}" stroke="#eee"/>')
-        body.append(_text(left - 6, y(frac) + 4, f"{frac:.0%}", "end"))
-    for i in range(5):
-        body.append(_text(x(max_tok * i / 4), top + plot_h + 16, f"{max_tok * i / 4:.3g}"))
-    body.append(_text(left + plot_w / 2, h - 8, "mean generated tokens per input", size=12))
-    body.append(_text(14, top + plot_h / 2, metric, size=12, extra=f' transform="rotate(-90 14 {top + plot_h / 2})"'))
+    body = _axes((left, top, plot_w, plot_h), h, [(y(f), f"{f:.0%}") for f in (0, 0.25, 0.5, 0.75, 1.0)],
+                 [(x(max_tok * i / 4), f"{max_tok * i / 4:.3g}") for i in range(5)], "mean generated tokens per input",
+                 metric)  # fmt: skip
     for n, (name, s) in enumerate(systems.items()):
         body.append(MARKERS[name](x(s["mean_generated_tokens"]), y(s.get(metric, 0.0)), COLORS[name]))
         ly = top + 14 + 40 * n  # the legend: one row per system
@@ -70,16 +82,9 @@ def _line(points: list[tuple[float, float]], xlabel: str, ylabel: str) -> str:
     ymax = _nice_max(max(ys))
     x = lambda v: left + plot_w * (v - x0) / (x1 - x0)  # noqa: E731
     y = lambda v: top + plot_h * (1 - v / ymax)  # noqa: E731
-    body = [f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#333"/>',
-            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#333"/>']  # fmt: skip
-    for i in range(5):
-        v = ymax * i / 4
-        body.append(f'<line x1="{left}" y1="{y(v):.1f}" x2="{left + plot_w}" y2="{y(v):.1f}" stroke="#eee"/>')
-        body.append(_text(left - 6, y(v) + 4, f"{v:.3g}", "end"))
     ticks = sorted({round(x0 + (x1 - x0) * i / 5) for i in range(6)})
-    body += [_text(x(t), top + plot_h + 16, f"{t:g}") for t in ticks]
-    body.append(_text(left + plot_w / 2, h - 8, xlabel, size=12))
-    body.append(_text(14, top + plot_h / 2, ylabel, size=12, extra=f' transform="rotate(-90 14 {top + plot_h / 2})"'))
+    body = _axes((left, top, plot_w, plot_h), h, [(y(ymax * i / 4), f"{ymax * i / 4:.3g}") for i in range(5)],
+                 [(x(t), f"{t:g}") for t in ticks], xlabel, ylabel)  # fmt: skip
     path = " ".join(f"{x(a):.1f},{y(b):.1f}" for a, b in points)
     body.append(f'<polyline points="{path}" fill="none" stroke="#2ca02c" stroke-width="2"/>')
     body += [f'<circle cx="{x(a):.1f}" cy="{y(b):.1f}" r="3" fill="#2ca02c"/>' for a, b in points]
@@ -93,19 +98,13 @@ def _columns(bars: list[tuple[str, float]], xlabel: str, ylabel: str) -> str:
     slot = plot_w / max(len(bars), 1)
     every = max(1, math.ceil(len(bars) * 40 / plot_w))  # labels at least 40 px apart
     y = lambda v: top + plot_h * (1 - v / ymax)  # noqa: E731
-    body = [f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#333"/>']
-    for i in range(5):
-        v = ymax * i / 4
-        body.append(f'<line x1="{left}" y1="{y(v):.1f}" x2="{left + plot_w}" y2="{y(v):.1f}" stroke="#eee"/>')
-        body.append(_text(left - 6, y(v) + 4, f"{v:g}", "end"))
+    labels = [(left + slot * (n + 0.5), name) for n, (name, _) in enumerate(bars) if n % every == 0]
+    body = _axes((left, top, plot_w, plot_h), h, [(y(ymax * i / 4), f"{ymax * i / 4:g}") for i in range(5)], labels,
+                 xlabel, ylabel)  # fmt: skip
     for n, (name, v) in enumerate(bars):
         bx = left + slot * n + slot * 0.15
         body.append(f'<rect x="{bx:.1f}" y="{y(v):.1f}" width="{slot * 0.7:.1f}" height="{top + plot_h - y(v):.1f}" fill="#6b8fb5">'
                     f"<title>{html.escape(name)}: {v:g}</title></rect>")  # fmt: skip
-        if n % every == 0:
-            body.append(_text(bx + slot * 0.35, top + plot_h + 16, name))
-    body.append(_text(left + plot_w / 2, h - 8, xlabel, size=12))
-    body.append(_text(14, top + plot_h / 2, ylabel, size=12, extra=f' transform="rotate(-90 14 {top + plot_h / 2})"'))
     return _svg(w, h, f"{ylabel} by {xlabel}", body)
 
 

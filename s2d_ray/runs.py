@@ -7,7 +7,7 @@ import html
 import json
 from pathlib import Path
 
-from s2d_ray.report import COLORS, NAMES, _table
+from s2d_ray.report import COLORS, NAMES, _axes, _table
 from s2d_ray.rundir import atomic_write_text
 
 SYSTEMS = ("system1", "system2", "distilled")
@@ -88,13 +88,8 @@ def _plot(rows: list[dict]) -> str:
     y = lambda a: h - pad - (h - 2 * pad) * a  # noqa: E731
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" '
            'aria-label="metric versus mean generated tokens, every run">',
-           f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#333"/>',
-           f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#333"/>']  # fmt: skip
-    for frac in (0, 0.25, 0.5, 0.75, 1.0):
-        out.append(f'<text x="{pad - 8}" y="{y(frac) + 4}" text-anchor="end" font-size="11">{frac:.0%}</text>')
-    for k in range(5):
-        out.append(f'<text x="{x(top * k / 4):.1f}" y="{h - pad + 16}" text-anchor="middle" font-size="11">{top * k / 4:.0f}</text>')
-    out.append(f'<text x="{w / 2}" y="{h - 12}" text-anchor="middle" font-size="12">mean generated tokens per input</text>')
+           *_axes((pad, pad, w - 2 * pad, h - 2 * pad), h, [(y(f), f"{f:.0%}") for f in (0, 0.25, 0.5, 0.75, 1.0)],
+                  [(x(top * k / 4), f"{top * k / 4:.0f}") for k in range(5)], "mean generated tokens per input")]  # fmt: skip
     for i, name, tokens, value, run in points:
         out.append(f'<circle cx="{x(tokens):.1f}" cy="{y(value):.1f}" r="6" fill="{COLORS[name]}" fill-opacity="0.75">'
                    f"<title>#{i} {html.escape(run)}: {NAMES[name]} {100 * value:.1f}%, {tokens:.1f} tokens</title></circle>")  # fmt: skip
