@@ -187,11 +187,18 @@ def _generation_figures(table: pa.Table, passes: list[Pass], n: int) -> dict:
     return out
 
 
-def _cost_so_far(cfg: JobConfig, run: RunDir, stage: str):
-    """Progress text: the stage's device cost so far (an earlier, resumed call's included)."""
-    rate = _devices(cfg, stage) * cfg.cost.device_hour_price / 3600
+def _spent(cfg: JobConfig, run: RunDir, stage: str):
+    """The stage's device cost after `seconds` of this call: money, an earlier (resumed)
+    generation call's included."""
+    rate = _devices(cfg, stage) * cfg.cost.device_hour_price / 3600  # money per second
     before = run.read_run().get("stages", {}).get(stage, {}).get("cost", 0.0) if stage == "generate" else 0.0
-    return lambda seconds: f"{before + seconds * rate:,.2f} {cfg.cost.currency}"
+    return lambda seconds: before + seconds * rate
+
+
+def _cost_so_far(cfg: JobConfig, run: RunDir, stage: str):
+    """Progress text: the stage's device cost so far."""
+    spent = _spent(cfg, run, stage)
+    return lambda seconds: f"{spent(seconds):,.2f} {cfg.cost.currency}"
 
 
 def _budget(cfg: JobConfig, run: RunDir):
@@ -199,13 +206,12 @@ def _budget(cfg: JobConfig, run: RunDir):
     b = cfg.budget
     if b.tokens is None and b.money is None:
         return None
-    rate = _devices(cfg, "generate") * cfg.cost.device_hour_price / 3600  # money per second
-    before = run.read_run().get("stages", {}).get("generate", {}).get("cost", 0.0)  # an earlier, resumed call
+    money = _spent(cfg, run, "generate")
 
     def stop(tokens: int, seconds: float) -> str | None:
         if b.tokens is not None and tokens >= b.tokens:
             return f"token budget {b.tokens:,} reached ({tokens:,} generated)"
-        spent = before + seconds * rate
+        spent = money(seconds)
         if b.money is not None and spent >= b.money:
             return f"money budget {b.money:g} {cfg.cost.currency} reached ({spent:.2f} spent)"
         return None
