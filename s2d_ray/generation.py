@@ -581,8 +581,7 @@ def run_passes(examples: list[Example], stage: EngineStage, out_dir: Path, *, bu
                 if block.num_rows:
                     write_part(out_dir, _uniform(block))
                     written += block.num_rows
-                    spent += _tokens(block, token_columns)
-                    shown.add(block, token_columns)
+                    spent += shown.add(block, token_columns)
                 if budget and (stopped := budget(spent, time.perf_counter() - started)):
                     break  # closing the stream shuts the pipeline and its engines down
         except Exception as err:
@@ -614,9 +613,11 @@ class Shown:
         self.done = self.kept = self.tokens = 0
         self.voted = False
 
-    def add(self, block: pa.Table, token_columns: list[str]) -> None:
+    def add(self, block: pa.Table, token_columns: list[str]) -> int:
+        """Counts a written block; returns its generated tokens."""
+        tokens = _tokens(block, token_columns)
         self.done += block.num_rows
-        self.tokens += _tokens(block, token_columns)
+        self.tokens += tokens
         if "kept" in block.column_names:
             self.voted = True
             self.kept += sum(bool(k) for k in block.column("kept").to_pylist())
@@ -626,6 +627,7 @@ class Shown:
         if self.cost is not None:
             status.append(self.cost(seconds))
         self.tracker.update(self.done, ", ".join(status))
+        return tokens
 
 
 def _tokens(table: pa.Table | None, columns: list[str]) -> int:

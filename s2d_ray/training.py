@@ -321,14 +321,15 @@ def train_loop(config: dict) -> None:
         elapsed = time.perf_counter() - started
         loss = sum(float(x) for x in losses) / len(losses)
         metrics = {"step": step, "loss": loss, "tokens": tokens_seen, "seconds": elapsed}
+        padding = 1 - tokens_seen / max(padded, 1)
         if rank == 0:
             print(
                 f"train step {step}/{steps}  loss {metrics['loss']:.4f}  "
-                f"{tokens_seen / elapsed:.0f} tok/s/worker (non-padding; padding {1 - tokens_seen / max(padded, 1):.0%})  "
+                f"{tokens_seen / elapsed:.0f} tok/s/worker (non-padding; padding {padding:.0%})  "
                 f"{elapsed:.0f}s",
                 flush=True,
             )
-            note_step(config["progress"], {**metrics, "steps": steps, "padding": 1 - tokens_seen / max(padded, 1)})
+            note_step(config["progress"], {**metrics, "steps": steps, "padding": padding})
         if every and step % every == 0 and step < steps:
             state = {"step": step, "tokens": tokens_seen, "micro_batches": consumed, "padded": padded, "seconds": elapsed}
             save_checkpoint(engine, rank, state, metrics)
@@ -361,6 +362,15 @@ def note_step(path: str, record: dict) -> None:
         print(f"train: could not write the progress file {path}: {err}", flush=True)
 
 
+def _records(lines: list[str]):
+    """The progress file's records; a line cut short by a kill is skipped."""
+    for line in lines:
+        try:
+            yield json.loads(line)
+        except ValueError:
+            continue
+
+
 def read_steps(path: Path) -> tuple[list[dict], list[int]]:
     """(one record per step, the latest of repeats after a resume; the steps resumed from)."""
     steps: dict[int, dict] = {}
@@ -369,11 +379,7 @@ def read_steps(path: Path) -> tuple[list[dict], list[int]]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError:
         return [], []
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:  # a line cut short by a kill
-            continue
+    for rec in _records(lines):
         if "resumed" in rec:
             resumed.append(int(rec["resumed"]))
         elif "step" in rec:
@@ -422,11 +428,7 @@ class StepWatch:
             return
         whole = chunk[: chunk.rfind("\n") + 1]
         self._offset += len(whole.encode("utf-8"))
-        for line in whole.splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
+        for rec in _records(whole.splitlines()):
             if "resumed" in rec:
                 self.log(f"train: resumed from the checkpoint of step {rec['resumed']} of {rec['steps']}")
                 self.tracker.base = int(rec["resumed"])  # the ETA counts only this command's steps
