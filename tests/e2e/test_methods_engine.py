@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from s2d_ray.config import parse_config
-from s2d_ray.generation import _rows, run_batch, vote_batch
+from s2d_ray.generation import input_rows, run_batch, vote_batch
 from s2d_ray.models import resolve_model
 from s2d_ray.pipeline import generation_passes
 from tests.conftest import ROOT
@@ -46,7 +46,7 @@ def test_method_runs_on_the_real_engine(engine, case):
     })  # fmt: skip
     program = cfg.program(method)
     passes = generation_passes(cfg, program)
-    batch = pd.DataFrame(_rows(cfg.task.examples("train")))
+    batch = pd.DataFrame(input_rows(cfg.task.examples("train")))
     out = run_batch(engine, cfg.task, passes, batch, max_model_len=2048)
     voted = vote_batch(out, "system2", cfg.filter, cfg.task)
     for row in voted.to_dict("records"):
