@@ -147,11 +147,12 @@ def test_retry_failed_also_takes_inputs_whose_swapped_pass_failed(tmp_path):
 def test_a_finished_export_counts_only_when_every_shard_is_whole(tmp_path):
     import torch
 
-    from s2d_ray.training import TRAIN_STATE, _ShardWriter, finished_export
+    from s2d_ray.training import TRAIN_STATE, finished_export
+    from s2d_ray.training.export import ShardWriter
 
     folder = tmp_path / "checkpoint_2026-01-01_00-00-00.000000"
     folder.mkdir()
-    writer = _ShardWriter(folder, shard_bytes=64)
+    writer = ShardWriter(folder, shard_bytes=64)
     writer.add_module({"a": torch.zeros(16)})
     writer.add_module({"b": torch.zeros(16)})
     files = writer.close()

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from s2d_ray.training import _ShardWriter, write_safetensors
+from s2d_ray.training.export import ShardWriter, write_safetensors
 
 
 def test_safetensors_written_from_memory_read_back_identically(tmp_path):
@@ -38,7 +38,7 @@ def test_unknown_dtype_is_refused(tmp_path):
 
 
 def test_shards_fill_up_to_the_limit_but_never_split_a_module(tmp_path):
-    writer = _ShardWriter(tmp_path, shard_bytes=100)
+    writer = ShardWriter(tmp_path, shard_bytes=100)
     writer.add_module({"a.w": torch.zeros(10), "a.b": torch.zeros(10)})  # 80 bytes
     writer.add_module({"b.w": torch.zeros(10)})  # would pass 100: a new shard
     writer.add_module({"c.w": torch.zeros(40)})  # bigger than a shard on its own: alone
@@ -53,7 +53,7 @@ def test_shards_fill_up_to_the_limit_but_never_split_a_module(tmp_path):
 
 
 def test_one_shard_is_named_like_transformers_single_file(tmp_path):
-    writer = _ShardWriter(tmp_path, shard_bytes=2**30)
+    writer = ShardWriter(tmp_path, shard_bytes=2**30)
     writer.add_module({"w": torch.ones(3, dtype=torch.bfloat16)})
     assert [f.name for f in writer.close()] == ["model.safetensors"]
     assert not (tmp_path / "model.safetensors.index.json").exists()

@@ -1,0 +1,177 @@
+"""The driver's side of training: the distillation set (or stream) into Ray Train's
+worker group, attempts named by their inputs, and the exported model moved into place."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+from s2d_ray.config import TrainConfig
+from s2d_ray.errors import S2DError
+from s2d_ray.placement import FAKE_GPUS_ENV, fake_gpus, trainer_scaling
+from s2d_ray.training.checkpoints import READY, TRAIN_STATE, checkpoint_interval, finished_export
+from s2d_ray.training.data import tokenized, total_steps
+from s2d_ray.training.loop import train_loop
+from s2d_ray.training.progress import StepWatch, read_steps
+
+
+class EmptyDistillSet(S2DError):
+    """No input passed the filter: there is nothing to fine-tune on."""
+
+
+TRAINED_FROM = ".s2d-trained-from.json"  # in model/: the inputs it was trained from (pipeline.py)
+
+
+def train(
+    distill_dir: Path, model_path: Path, out_dir: Path, storage: Path, cfg: TrainConfig, log=print,
+    attempt: str | None = None, trained_from: dict | None = None,
+) -> dict:
+    """Fine-tune on the distillation set; writes a Hugging Face checkpoint to `out_dir`.
+
+    `attempt` names this training's storage under `storage` (a fingerprint of its inputs):
+    a rerun with the same inputs resumes from its latest checkpoint; other attempts'
+    storage is removed, so a stale checkpoint never becomes this run's result."""
+    import ray
+
+    # Materialized up front: the distillation set is small text, and the trainer workers
+    # may hold every CPU, which would leave a lazy read waiting for ever.
+    ds = ray.data.read_parquet(str(distill_dir), columns=["id", "prompt", "target"]).materialize()
+    rows = ds.count()
+    if rows == 0:
+        raise EmptyDistillSet("the distillation set is empty: the filter kept no input")
+    if rows < cfg.workers:
+        # Every worker needs a non-empty shard; a tiny set is repeated (training cycles
+        # over its data anyway).
+        log(f"training: {rows} row(s) for {cfg.workers} workers; repeating them so every worker has data")
+        ds = ray.data.from_items(ds.take_all() * math.ceil(cfg.workers / rows)).materialize()
+    ds = tokenized(ds, model_path, cfg).materialize()  # once, here: the workers only batch and pad
+    steps = total_steps(cfg, rows)
+    every = checkpoint_interval(cfg, steps)
+    log(f"training: {rows} rows, {steps} steps, {cfg.workers} workers, ZeRO-3"
+        + (f", a checkpoint every {every} steps" if every else ""))  # fmt: skip
+    return fit(ds, rows, steps, model_path, out_dir, storage, cfg, stream=False, attempt=attempt, log=log,
+               trained_from=trained_from)  # fmt: skip
+
+
+def train_stream(ds, model_path: Path, out_dir: Path, storage: Path, cfg: TrainConfig, log=print) -> dict:
+    """Fine-tune on a distillation stream while it is generated (one pass, `cfg.steps` at most).
+
+    A stream cannot be replayed: no checkpoints, no restarts; a failure fails the stage
+    (the rows are in generate/ and distill/, so `s2d train` can then train on them)."""
+    log(f"training: streaming, up to {cfg.steps} steps, {cfg.workers} workers, ZeRO-3")
+    return fit(tokenized(ds, model_path, cfg), None, cfg.steps, model_path, out_dir, storage, cfg, stream=True, attempt=None, log=log)
+
+
+def fit(
+    ds, rows: int | None, steps: int, model_path: Path, out_dir: Path, storage: Path, cfg: TrainConfig, stream: bool,
+    attempt: str | None, log=print, trained_from: dict | None = None,
+) -> dict:
+    """Run the Ray Train worker group over `ds` and move its exported model into `out_dir`."""
+    import uuid
+
+    from s2d_ray.rundir import replace_dir
+
+    name = f"train-{attempt or uuid.uuid4().hex[:16]}"
+    storage.mkdir(parents=True, exist_ok=True)
+    steps_file = storage / f"{name}.steps.jsonl"  # rank 0's progress: the loss curve
+    for other in storage.iterdir():  # earlier attempts on other inputs: never this one's result
+        if other.is_dir() and other.name != name:
+            shutil.rmtree(other, ignore_errors=True)
+        elif other.is_file() and other != steps_file:
+            other.unlink(missing_ok=True)
+    started = time.perf_counter()
+    attempt_dir = storage / name
+    exported = finished_export(attempt_dir)
+    if exported is not None:
+        log(f"training: this attempt had already finished ({storage.name}/{name}); using its exported model")
+        metrics = json.loads((exported / TRAIN_STATE).read_text())
+    else:
+        with StepWatch(steps_file, steps, log):
+            exported, metrics = _run_trainer(ds, steps, model_path, storage, cfg, stream, name, steps_file)
+    ready = attempt_dir / READY
+    if exported != ready:
+        # Ray Train's record of this attempt lists the export: once it is moved, a rerun
+        # must not reload that record (it would name a missing checkpoint), so it goes first.
+        (attempt_dir / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)
+        shutil.move(str(exported), str(ready))  # a rename on one filesystem: stored once
+    (ready / TRAIN_STATE).write_text(json.dumps(metrics))  # found again if killed below
+    if trained_from is not None:
+        (ready / TRAINED_FROM).write_text(json.dumps(trained_from))
+    replace_dir(ready, out_dir)  # killed before it: the rerun finds `ready` again
+    (out_dir / TRAIN_STATE).unlink(missing_ok=True)
+    shutil.rmtree(attempt_dir, ignore_errors=True)  # its ZeRO-3 checkpoints are spent
+    curve, _ = read_steps(steps_file)
+    steps_file.unlink(missing_ok=True)
+    return {
+        "rows": rows,
+        "steps": metrics.get("step", steps),
+        "streaming": stream,
+        "final_loss": metrics.get("loss"),
+        "tokens": metrics.get("tokens_total"),
+        "seconds": time.perf_counter() - started,
+        "workers": cfg.workers,
+        # Per step: [step, loss, non-padding tokens/s per worker] (a resumed step: its last run).
+        "loss_curve": [[r["step"], r["loss"], r["tokens"] / max(r["seconds"], 1e-9)] for r in curve],
+    }
+
+
+def _run_trainer(ds, steps: int, model_path: Path, storage: Path, cfg: TrainConfig, stream: bool, name: str,
+                 steps_file: Path):  # fmt: skip
+    """Ray Train's fit; returns (the exported model's folder in storage, final metrics)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from s2d_ray.cluster import ray_logs_dir
+
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    on_cpu = not cfg.use_gpu or fake_gpus()  # fake GPUs (tests): GPU resources, CPU compute
+    if on_cpu:
+        env["DS_ACCELERATOR"] = "cpu"
+        env["OMP_NUM_THREADS"] = str(max(1, int(cfg.cpus_per_worker)))
+    if fake_gpus():
+        env[FAKE_GPUS_ENV] = "1"
+    backend = "gloo" if on_cpu else cfg.backend
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "train": cfg.model_dump(mode="json"),
+            "model_path": str(model_path),
+            "steps": steps,
+            "env": env,
+            "on_cpu": on_cpu,
+            "backend": backend,
+            "stream": stream,
+            "progress": str(steps_file),
+        },
+        scaling_config=ScalingConfig(**trainer_scaling(cfg)),
+        # Covers every collective, the export's gathers while rank 0 writes a shard included.
+        torch_config=TorchConfig(backend=backend, timeout_s=int(cfg.collective_timeout_s)),
+        datasets={"train": ds},
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            # A dead rank restarts the group from the latest checkpoint (a stream cannot be replayed).
+            failure_config=FailureConfig(max_failures=0 if stream else cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as err:  # Ray Train wraps the ranks' errors; one line, and where to look
+        cause = str(err).strip().splitlines()
+        kept = sorted((storage / name).glob("checkpoint_*"))
+        resume = f"; the latest checkpoint is kept ({kept[-1].name}): rerun the same command to resume" if kept else ""
+        raise S2DError(
+            f"training failed after {cfg.max_failures} restart(s): {cause[-1] if cause else type(err).__name__}"
+            f"{resume} (full log: {ray_logs_dir()})"
+        ) from None
+    metrics = result.metrics or {}
+    if result.checkpoint is None or not metrics.get("final"):
+        if stream and not metrics.get("step"):
+            raise EmptyDistillSet("the distillation stream brought no rows: the filter kept no input")
+        raise S2DError("training finished without an exported model")
+    return Path(result.checkpoint.path), metrics
+
