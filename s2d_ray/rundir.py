@@ -25,9 +25,10 @@ from s2d_ray.errors import S2DError
 FILE_MODE = 0o644  # group- and world-readable: run directories live on shared volumes
 DIR_MODE = 0o755
 LOCK = ".s2d.lock"
-# What an s2d run directory may hold before run.json exists (a stage run on its own, or an
-# interrupted first stage): anything else in a non-empty --out means it is someone else's.
-KNOWN = {"generate", "distill", "model", "eval", "eval.json", "report.html", "run.json", "ray_train", "logs", LOCK}
+# Written by s2d into every run directory it creates, before anything else: a folder is a
+# run directory because s2d marked it, never because of the names of what it holds (a
+# user's own folder with a model/ in it is not one, and nothing in it is touched).
+MARKER = ".s2d-run-directory"
 
 
 def fsync_dir(directory: Path) -> None:
@@ -149,19 +150,34 @@ class RunDir:
         self.root.mkdir(parents=True, exist_ok=True)
         return self
 
+    def is_ours(self) -> bool:
+        """Marked by s2d; or a run directory of an s2d from before the marker: its run.json
+        is s2d's (it records s2d-ray's version), and it gets the marker now."""
+        if (self.root / MARKER).is_file():
+            return True
+        try:
+            legacy = "s2d-ray" in json.loads(self.run_json.read_text()).get("versions", {})
+        except (OSError, ValueError, AttributeError):
+            return False
+        if legacy:
+            self._mark()
+        return legacy
+
+    def _mark(self) -> None:
+        atomic_write_text(self.root / MARKER, "An s2d-ray run directory (s2d writes here; see its README).\n")
+
     def check_ours(self) -> None:
-        """A non-empty --out that is not an s2d run directory is refused, so that nothing
-        of someone else's (a model/ or distill/ of theirs) is replaced or deleted."""
+        """A non-empty --out that s2d did not mark as its run directory is refused, so that
+        nothing of someone else's (a model/ or distill/ of theirs) is replaced or deleted."""
         if not self.root.exists():
             return
         if not self.root.is_dir():
             raise S2DError(f"{self.root}: --out is a file, not a run directory")
-        entries = {p.name for p in self.root.iterdir()}
-        if entries and "run.json" not in entries and not entries <= KNOWN | {n for n in entries if n.startswith(".")}:
-            foreign = sorted(entries - KNOWN)[:3]
+        entries = sorted(p.name for p in self.root.iterdir())
+        if entries and not self.is_ours():
             raise S2DError(
-                f"{self.root} is not empty and not an s2d run directory (it holds {', '.join(foreign)}...); "
-                "choose a new or empty --out"
+                f"{self.root} is not empty and not an s2d run directory (it holds {', '.join(entries[:3])}"
+                f"{'...' if len(entries) > 3 else ''}); choose a new or empty --out"
             )
 
     @contextmanager
@@ -175,6 +191,8 @@ class RunDir:
 
         self.check_ours()
         self.create()
+        if not (self.root / MARKER).is_file():
+            self._mark()  # before anything else is written here
         path = self.root / LOCK
         fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         try:

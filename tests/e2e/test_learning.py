@@ -32,17 +32,18 @@ STEPS = 8
 def test_training_survives_a_dead_rank_and_a_dead_driver_and_teaches_the_model_its_targets(tmp_path, local_job):
     cfg = load_config(local_job, ["task.words_per_example=2", f"task.train={PAIRS}"])
     examples = cfg.task.examples("train")
-    run = RunDir(tmp_path).create()
-    write_part(
-        run.distill,
-        pa.table(
-            {
-                "id": [e.id for e in examples],
-                "prompt": [e.question for e in examples],
-                "target": [cfg.task.target(e.answer) for e in examples],
-            }
-        ),
-    )
+    run = RunDir(tmp_path)
+    with run.lock("test"):  # written as s2d writes a run directory: under its lock, marked as s2d's
+        write_part(
+            run.distill,
+            pa.table(
+                {
+                    "id": [e.id for e in examples],
+                    "prompt": [e.question for e in examples],
+                    "target": [cfg.task.target(e.answer) for e in examples],
+                }
+            ),
+        )
     settings = overrides(
         f"task.train={PAIRS}", f"train.steps={STEPS}", "train.lr=3e-4", "train.warmup_steps=2", "train.micro_batch_size=5",
         "train.checkpoint_every=2", "eval.split=train", "eval.system2=false",

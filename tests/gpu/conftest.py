@@ -53,12 +53,13 @@ def write_learning_set(run_dir) -> list:
     """Correct (prompt -> answer) pairs the distilled model must learn (as tests/e2e/test_learning.py)."""
     cfg = load_config(LOCAL_JOB, ["task.words_per_example=2", f"task.train={PAIRS}"])
     examples = cfg.task.examples("train")
-    run = RunDir(run_dir).create()
-    write_part(run.distill, pa.table({
-        "id": [e.id for e in examples],
-        "prompt": [e.question for e in examples],
-        "target": [cfg.task.target(e.answer) for e in examples],
-    }))  # fmt: skip
+    run = RunDir(run_dir)
+    with run.lock("test"):  # under the run directory's lock, which marks it as s2d's
+        write_part(run.distill, pa.table({
+            "id": [e.id for e in examples],
+            "prompt": [e.question for e in examples],
+            "target": [cfg.task.target(e.answer) for e in examples],
+        }))  # fmt: skip
     return examples
 
 

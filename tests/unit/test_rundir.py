@@ -54,11 +54,40 @@ def test_a_foreign_folder_is_refused_and_left_alone(tmp_path):
             pass
     assert (tmp_path / "model").is_dir() and (tmp_path / "thesis.tex").read_text() == "mine"
     assert not (tmp_path / ".s2d.lock").exists()
-    # A stage's own folders before run.json exists (s2d train on a prepared distill/) are ours.
-    ours = tmp_path / "ours"
-    (ours / "distill").mkdir(parents=True)
-    with RunDir(ours).lock("train"):
+
+
+def test_a_run_directory_is_known_by_the_marker_s2d_wrote_not_by_names(tmp_path):
+    from s2d_ray.rundir import MARKER
+
+    # A user's folder whose every entry has a run-directory name is still not ours.
+    mine = tmp_path / "mine"
+    (mine / "model").mkdir(parents=True)
+    (mine / "model" / "config.json").write_text("{}")
+    with pytest.raises(S2DError, match="not an s2d run directory"):
+        with RunDir(mine).lock("run"):
+            pass
+    assert (mine / "model" / "config.json").read_text() == "{}" and sorted(p.name for p in mine.iterdir()) == ["model"]
+    # A new or empty folder becomes one: marked before anything else is written there.
+    fresh = tmp_path / "fresh"
+    with RunDir(fresh).lock("run"):
+        assert (fresh / MARKER).is_file()
+    (fresh / "model").mkdir()
+    with RunDir(fresh).lock("train"):  # marked: ours, whatever it holds
         pass
+    # A run directory of an s2d from before the marker: its run.json records s2d-ray's version.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "run.json").write_text('{"versions": {"s2d-ray": "0.1.0"}}')
+    with RunDir(legacy).lock("eval"):
+        pass
+    assert (legacy / MARKER).is_file()
+    # A run.json of someone else's is not enough.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "run.json").write_text('{"epochs": 3}')
+    with pytest.raises(S2DError, match="not an s2d run directory"):
+        with RunDir(other).lock("run"):
+            pass
 
 
 def test_every_write_is_fsynced_and_group_readable(tmp_path, monkeypatch):
@@ -75,7 +104,7 @@ def test_every_write_is_fsynced_and_group_readable(tmp_path, monkeypatch):
 
 def test_an_interrupted_replace_is_repaired_and_leftovers_removed(tmp_path):
     run = RunDir(tmp_path).create()
-    (tmp_path / "run.json").write_text("{}")
+    (tmp_path / "run.json").write_text('{"versions": {"s2d-ray": "0.1.0"}}')
     old = tmp_path / ".model.old-1234abcd"  # killed between replace_dir's two renames
     old.mkdir()
     (old / "config.json").write_text("{}")
@@ -92,7 +121,7 @@ def test_an_interrupted_replace_is_repaired_and_leftovers_removed(tmp_path):
 
 def test_a_truncated_part_is_moved_aside_and_its_ids_count_as_not_done(tmp_path, capsys):
     run = RunDir(tmp_path).create()
-    (tmp_path / "run.json").write_text("{}")
+    (tmp_path / "run.json").write_text('{"versions": {"s2d-ray": "0.1.0"}}')
     good = write_part(run.generate, pa.table({"id": ["a"]}))
     bad = write_part(run.generate, pa.table({"id": ["b"]}))
     bad.write_bytes(bad.read_bytes()[:20])  # a full disk or a dead node cut it short
