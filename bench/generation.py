@@ -52,12 +52,14 @@ class RawEngine:
         generated tokens and the step-1 prompts (user texts)."""
         from vllm import SamplingParams
 
-        from s2d_ray.chat import chat_prompt
+        from s2d_ray.chat import prompt_ids
         from s2d_ray.methods import render, split_items
 
         def generate(texts: list[str], k: int) -> list[list]:
+            # Token ids as s2d hands them (text through vLLM would add a second BOS for Llama-2).
             params = SamplingParams(n=k, **sampling)
-            outs = self.llm.generate([chat_prompt(self.tokenizer, t) for t in texts], params, use_tqdm=False)
+            prompts = [{"prompt_token_ids": prompt_ids(self.tokenizer, t)} for t in texts]
+            outs = self.llm.generate(prompts, params, use_tqdm=False)
             return [o.outputs for o in outs]
 
         tokens, first_prompts = 0, []

@@ -31,6 +31,25 @@ class ModelConfig(Strict):
     # Parameter count, for memory and cost estimates before the weights are reachable
     # (a laptop validating a cluster job). None: read config.json at `path` if it is there.
     params_billion: float | None = Field(None, gt=0.0)
+    # How a task prompt becomes the model's prompt. None: the model folder's own chat
+    # template (a folder without one is refused); "none": the raw prompt, on purpose; else
+    # a Jinja chat template (it is also saved with the distilled model).
+    chat_template: str | None = None
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template(cls, value):
+        if value is None or value == "none":
+            return value
+        if "{{" not in value and "{%" not in value:
+            raise ValueError("must be a Jinja chat template (with {{ ... }} or {% ... %}), or none for raw prompts")
+        try:
+            import jinja2
+
+            jinja2.Environment().parse(value)
+        except jinja2.TemplateSyntaxError as err:
+            raise ValueError(f"the chat template does not parse: {err.message} (line {err.lineno})") from None
+        return value
 
 
 class MethodConfig(Strict):

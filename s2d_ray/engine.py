@@ -12,8 +12,9 @@ import os
 import time
 from dataclasses import dataclass
 
-from s2d_ray.chat import chat_prompt
+from s2d_ray.chat import prompt_ids
 from s2d_ray.config import EngineConfig
+from s2d_ray.hooks import record_boundary
 from s2d_ray.placement import runs_on_cpu
 
 # Environment a CPU engine needs; set in the generator actor before vLLM is imported.
@@ -98,9 +99,11 @@ def engine_kwargs(model_path: str, cfg: EngineConfig, dtype: str, seed: int) -> 
 
 
 class Engine:
-    def __init__(self, model_path: str, cfg: EngineConfig, dtype: str = "bfloat16", seed: int = 0):
+    def __init__(self, model_path: str, cfg: EngineConfig, dtype: str = "bfloat16", seed: int = 0,
+                 chat_template: str | None = None):  # fmt: skip
         on_cpu = runs_on_cpu(cfg.device)
         self.device = cfg.device
+        self.chat_template = chat_template
         for key, value in (CPU_ENGINE_ENV if on_cpu else GPU_ENGINE_ENV).items():
             os.environ.setdefault(key, value)
         from vllm import LLM
@@ -127,8 +130,8 @@ class Engine:
         return bool(self._live)
 
     def encode(self, user_text: str) -> list[int]:
-        """Chat-formatted and tokenized once, here, as vLLM would (BOS included)."""
-        return self.tokenizer.encode(chat_prompt(self.tokenizer, user_text), add_special_tokens=True)
+        """Chat-formatted and tokenized once, here, exactly as training tokenizes it."""
+        return prompt_ids(self.tokenizer, user_text, self.chat_template)
 
     @staticmethod
     def sampling(*, temperature: float, top_p: float, max_tokens: int, n: int = 1):
@@ -158,6 +161,7 @@ class Engine:
         except Exception as err:  # noqa: BLE001 (classified: the engine itself failed)
             raise EngineDead(_reason(err)) from err
         self._live.add(rid)
+        record_boundary("engine", {"ids": prompt_ids})
         return rid
 
     def step(self) -> list[tuple[str, list[Completion]]]:

@@ -84,6 +84,7 @@ def engine_stage(cfg: JobConfig, model: Path | str, passes: list[Pass], vote: bo
     return EngineStage(
         model_path=str(model), engine=cfg.engine, dtype=cfg.model.dtype, seed=cfg.sampling.seed, task=cfg.task,
         passes=tuple(passes), vote={"label": "system2", "filt": cfg.filter} if vote else None,
+        chat_template=cfg.model.chat_template,
     )  # fmt: skip
 
 
@@ -281,6 +282,7 @@ def training_inputs(cfg: JobConfig, run: RunDir, model: Path) -> dict:
         "train settings": {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in RUNTIME_ONLY},
         "base model": {"path": str(model), "config": config.read_text() if config.exists() else None,
                        "weights": weight_files(model)},
+        "chat template": cfg.model.chat_template,
     }
 
 
@@ -411,7 +413,7 @@ def _eval_source(examples, stage: EngineStage, model_id=None) -> dict:
         "model": model_id if model_id is not None else [stage.model_path, weight_files(stage.model_path)],
         "passes": [[p.label, p.program.prompts(), p.max_tokens, p.perturbed] for p in stage.passes],
         "inputs": inputs,
-        "engine": [stage.dtype, stage.engine.max_model_len],
+        "engine": [stage.dtype, stage.engine.max_model_len, stage.chat_template],
         "task": stage.task.model_dump(mode="json"),
     }
     return json.loads(json.dumps(source))

@@ -12,6 +12,7 @@ import pandas as pd
 
 from s2d_ray.config import EngineConfig
 from s2d_ray.engine import CPU_ENGINE_ENV, FAULT_ENV, GPU_ENGINE_ENV
+from s2d_ray.hooks import BOUNDARY_ENV
 from s2d_ray.generation.batch import run_batch
 from s2d_ray.generation.health import EngineFailed
 from s2d_ray.generation.stage import EngineStage, batch_job
@@ -53,7 +54,7 @@ class GeneratorActor:
         engine = stage.engine
         if not runs_on_cpu(engine.device):
             _before_gpu_engine(engine)
-        self.engine = Engine(stage.model_path, engine, dtype=stage.dtype, seed=stage.seed)
+        self.engine = Engine(stage.model_path, engine, dtype=stage.dtype, seed=stage.seed, chat_template=stage.chat_template)
         limits = ", ".join(f"{k} {v}" for k, v in self.engine.limits.items())
         print(f"engine on node {self.node[:8]}: vLLM uses {limits}", flush=True)
         self.stages = (stage, *also)  # a batch's `job` column picks one (same model and engine)
@@ -150,7 +151,8 @@ def engine_env(cfg: EngineConfig) -> dict[str, str]:
         env["OMP_NUM_THREADS"] = str(max(1, int(cfg.cpus_per_engine)))
     if fake_gpus():
         env[FAKE_GPUS_ENV] = "1"
-    if os.environ.get(FAULT_ENV):
-        env[FAULT_ENV] = os.environ[FAULT_ENV]
+    for hook in (FAULT_ENV, BOUNDARY_ENV):  # test hooks reach the engines on every node
+        if os.environ.get(hook):
+            env[hook] = os.environ[hook]
     return env
 

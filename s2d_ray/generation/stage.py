@@ -44,6 +44,8 @@ class EngineStage:
     task: Task
     passes: tuple[Pass, ...]
     vote: dict | None = None
+    # model.chat_template: None (the model's own), "none" (raw prompts) or a template.
+    chat_template: str | None = None
 
 
 def batch_job(batch: pd.DataFrame) -> int:

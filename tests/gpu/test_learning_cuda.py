@@ -23,7 +23,7 @@ def test_training_on_cuda_teaches_the_model_its_targets(cuda_trained):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from s2d_ray.chat import chat_prompt
+    from s2d_ray.chat import prompt_ids
     from s2d_ray.config import load_config
 
     cfg = load_config(LOCAL_JOB, ["task.words_per_example=2", f"task.train={PAIRS}"])
@@ -32,9 +32,9 @@ def test_training_on_cuda_teaches_the_model_its_targets(cuda_trained):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
     right = 0
     for example in cfg.task.examples("train"):
-        ids = tok(chat_prompt(tok, example.question), return_tensors="pt", add_special_tokens=False).to("cuda")
-        out = model.generate(**ids, max_new_tokens=24, do_sample=False)
-        answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        ids = torch.tensor([prompt_ids(tok, example.question)], device="cuda")  # as the engines get them
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
+        answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         right += cfg.task.score(cfg.task.extract(answer), example.answer)
     assert right >= 0.9 * PAIRS, f"{right} of {PAIRS} training targets reproduced"
 
