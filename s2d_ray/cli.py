@@ -30,8 +30,10 @@ def _load(job: str, overrides: tuple[str, ...], out: str | None, runs_here: bool
     cfg = load_config(job, overrides)
     if runs_here:
         from s2d_ray import tracking
+        from s2d_ray.preflight import model_facts
 
         tracking.check(cfg)
+        model_facts(cfg)  # the model folder, its context and chat template: before Ray starts
     return cfg, RunDir(out or cfg.out)
 
 
@@ -174,6 +176,30 @@ def estimate(job, overrides, price):
         overrides = (*overrides, f"cost.device_hour_price={price}")
     cfg, _ = _load(job, overrides, None, runs_here=False)
     click.echo(render(cfg, predict(cfg)))
+
+
+@cli.command()
+@JOB
+@OUT
+@SET
+@click.option("--address", default=None, metavar="ADDR",
+              help="A Ray cluster to check storage, memory and GPUs on (ray://HEAD:10001, HEAD:6379 or auto; default: "
+                   "the job's ray.address, else $RAY_ADDRESS).")
+def check(job, out, overrides, address):
+    """Preflight: every check the job allows before any GPU is allocated (model folder,
+    context, prompts and their BOS tokens, checkpoints; with a cluster: shared storage,
+    free space, host memory and GPUs per node). Exit 1 when it finds a problem."""
+    import os
+
+    from s2d_ray.preflight import check_job
+
+    cfg, rd = _load(job, overrides, out, runs_here=False)
+    address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    problems = check_job(cfg, rd.root, address, log=click.echo)
+    if problems:
+        click.echo(f"check: {len(problems)} problem(s) found", err=True)
+        sys.exit(1)
+    click.echo("check: no problem found")
 
 
 ADDRESS = click.option(

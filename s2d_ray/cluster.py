@@ -13,7 +13,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 @contextmanager
-def ray_session(cfg: JobConfig):
+def ray_session(cfg: JobConfig, run_root=None):
+    """Ray for a command; `run_root`: its run directory, which a cluster of several nodes
+    must share (checked once, when Ray starts, before any engine)."""
     import ray
 
     if ray.is_initialized():
@@ -32,6 +34,14 @@ def ray_session(cfg: JobConfig):
         configure_logging=True,
     )
     _check(cfg)
+    if run_root is not None:
+        from s2d_ray.preflight import require_shared_run_dir
+
+        try:
+            require_shared_run_dir(run_root)
+        except BaseException:
+            ray.shutdown()
+            raise
     # Into RUN/logs/ (stdout): where Ray keeps its own services' logs.
     print(f"s2d: Ray's session logs (raylet, GCS, each worker's files): {ray_logs_dir()}", flush=True)
     ctx = ray.data.DataContext.get_current()

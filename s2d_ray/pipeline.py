@@ -105,7 +105,7 @@ def generate(cfg: JobConfig, run: RunDir, log=print, retry_failed: bool = False,
         log(f"generate: --retry-failed: {drop_failed(run.generate)} input(s) recorded as failed will be generated again")
     log(f"generate: {len(examples)} inputs x {cfg.filter.samples} samples of {program.name} ({len(program.steps)} steps)")
     started = time.perf_counter()
-    with ray_session(cfg):
+    with ray_session(cfg, run.root):
         also, base = [], None
         if with_base_eval:
             test = eval_examples(cfg)
@@ -314,7 +314,7 @@ def train(cfg: JobConfig, run: RunDir, log=print) -> dict:
         changed = [k for k in inputs if earlier["inputs"].get(k) != inputs[k]]
         log(f"train: training again: the {' and the '.join(changed)} changed since model/ was trained")
     started = time.perf_counter()
-    with ray_session(cfg):
+    with ray_session(cfg, run.root):
         try:
             # A new id for every training: evaluation results of an earlier model are never reused.
             marker = {"fingerprint": fingerprint(inputs), "trained_id": uuid.uuid4().hex, "inputs": inputs}
@@ -366,7 +366,7 @@ def evaluate(cfg: JobConfig, run: RunDir, log=print) -> dict:
     started = time.perf_counter()
     results: dict[str, dict] = {}
     tokens = 0
-    with ray_session(cfg):
+    with ray_session(cfg, run.root):
         log(f"eval: base model, {len(examples)} {cfg.eval.split} inputs: {', '.join(p.label for p in base)}")
         cost = _cost_so_far(cfg, run, "eval")
         base_rows = _eval_pass(run, "base", examples, engine_stage(cfg, model, base), log=log, cost=cost)
@@ -487,7 +487,7 @@ def generate_and_train(cfg: JobConfig, run: RunDir, log=print) -> dict:
     log(f"generate + train (streaming): {len(todo)} inputs x {cfg.filter.samples} samples of {program.name}")
     started = time.perf_counter()
     tag = uuid.uuid4().hex[:8]
-    with ray_session(cfg):
+    with ray_session(cfg, run.root):
         health = engine_health(cfg.engine)
         stage = engine_stage(cfg, model, passes, vote=True)
         earlier_rows = distill_rows(earlier) if earlier is not None else None
@@ -527,7 +527,7 @@ def run_all(cfg: JobConfig, run: RunDir, log=print, retry_failed: bool = False) 
     from s2d_ray.cluster import ray_session
 
     started = time.perf_counter()
-    with ray_session(cfg):  # one Ray for all stages; each stage's engines are gone before the next
+    with ray_session(cfg, run.root):  # one Ray for all stages; each stage's engines are gone before the next
         try:
             if cfg.train.streaming:
                 if retry_failed:

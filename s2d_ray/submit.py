@@ -130,7 +130,12 @@ def submit(
     """Upload the job file and the package and start `s2d <command>` on the cluster."""
     from s2d_ray.config import load_config
 
+    from s2d_ray.preflight import model_facts
+
     cfg = load_config(job, overrides)  # fails here, on the laptop, on any bad setting
+    # The model as far as this machine can tell (a folder here, else its family's limits);
+    # `s2d run` repeats the whole check on the cluster before anything starts there.
+    model_facts(cfg, required=False)
     out = cluster_run_dir(out, cfg)
     jc = client(address, insecure)
     staging = Path(tempfile.mkdtemp(prefix="s2d-submit-"))

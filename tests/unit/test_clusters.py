@@ -80,3 +80,33 @@ def test_the_cluster_jobs_match_the_declared_cluster():
         cfg = load_config(job)
         assert cfg.cluster.gpus_per_node == gpu_type["resources"]["GPU"], job.name
         assert cfg.cluster.max_nodes == gpu_type["max_workers"], job.name
+
+
+def test_every_aws_node_mounts_the_shared_file_system_into_its_container():
+    c = yaml.safe_load((CLUSTERS / "aws-70b.yaml").read_text())
+    mounts = " ".join(c["initialization_commands"])  # on every node's host, head and workers
+    assert "mount -t lustre" in mounts and "flock" in mounts and " /fsx" in mounts
+    assert "-v /fsx:/fsx" in c["docker"]["run_options"]
+    for job in sorted((ROOT / "jobs" / "paper").glob("*.yaml")):
+        text = job.read_text()
+        assert "/fsx/" in text or "submit" not in text, job.name  # the jobs' own recipes use the shared mount
+
+
+@pytest.mark.parametrize("name", ["raycluster-70b.yaml", "rayjob-last-letter-70b.yaml"])
+def test_kuberay_pods_mount_readwritemany_volumes_and_request_ephemeral_storage(name):
+    claims = {d["metadata"]["name"]: d for d in yaml.safe_load_all((CLUSTERS / "kuberay" / "storage.yaml").read_text())}
+    assert all(d["kind"] == "PersistentVolumeClaim" and d["spec"]["accessModes"] == ["ReadWriteMany"] for d in claims.values())
+    m = yaml.safe_load((CLUSTERS / "kuberay" / name).read_text())
+    spec = m["spec"] if m["kind"] == "RayCluster" else m["spec"]["rayClusterSpec"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for group in groups:
+        pod = group["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        (container,) = pod["containers"]
+        mounted = {v["name"]: v["mountPath"] for v in container["volumeMounts"]}
+        assert volumes["runs"]["persistentVolumeClaim"]["claimName"] in claims  # declared, ReadWriteMany
+        assert mounted["runs"] == "/opt/s2d-ray/runs"
+        for resources in (container["resources"]["requests"], container["resources"].get("limits", {})):
+            assert "ephemeral-storage" in resources  # Ray's /tmp (logs, spilling); checkpoints go to the volume
+    if m["kind"] == "RayJob":
+        assert "--out /opt/s2d-ray/runs/" in m["spec"]["entrypoint"]  # on the shared volume
