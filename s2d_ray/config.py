@@ -195,6 +195,10 @@ class TrainConfig(Strict):
     # steps (None: about ten a run; 0: none), the newest `keep_checkpoints` kept, and the
     # worker group restarted from the latest one up to `max_failures` times.
     checkpoint_every: int | None = Field(None, ge=0)
+    # Where a rank writes its checkpoint shard: "none", straight into the run directory's
+    # storage (shared on a cluster); "local", first on the node's disk ($TMPDIR: it needs
+    # room for every rank's shard of that node), then copied by Ray Train.
+    checkpoint_staging: Literal["none", "local"] = "none"
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(3, ge=0)
     # Timeout of every collective of the trainer group (NCCL/gloo), the data-parallel
@@ -260,6 +264,10 @@ class ClusterConfig(Strict):
     host_memory_gib: float | None = Field(None, gt=0.0)
     # Where `s2d submit` puts run directories whose --out is relative (storage every node sees).
     runs_dir: str | None = None
+    # Write bandwidth of the storage the run directory is on, all ranks together (GiB/s):
+    # what `s2d estimate` prices checkpoints at. 1.0 is a modest shared filesystem (an FSx
+    # for Lustre of ~5 TiB at 200 MB/s per TiB, or EFS in elastic mode); measure yours.
+    storage_gib_per_s: float = Field(1.0, gt=0.0)
 
     @field_validator("runs_dir")
     @classmethod

@@ -20,6 +20,10 @@ throughput assumptions the job can set (`cost.*`). Defaults and where they come 
   assumption: no GPU has been lent to measure it. `bench/training.py --device cuda`
   prints tokens/s per GPU and MFU of this trainer for ~1B and ~7B Llama shapes, with
   and without offload; put yours in `cost.training_tokens_per_second`.
+* Checkpoints: 12 bytes per parameter (DeepSpeed ZeRO-3's optimizer-state files: fp32
+  master weights and both Adam moments; the model-state files hold no weights under
+  ZeRO-3), written at `cluster.storage_gib_per_s` (default 1 GiB/s, all ranks together)
+  while every trainer GPU waits.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ CPU_TRAINING_TPS = 15.0
 GPU_GENERATION_TPS = 1500.0
 GPU_PEAK_FLOPS, GPU_MFU, OFFLOAD_SLOWDOWN = 312e12, 0.30, 0.7
 OPTIMIZER_BYTES = 16  # per parameter: fp32 master weights, Adam's two moments, fp32 gradients
+CHECKPOINT_BYTES = 12  # per parameter in a ZeRO-3 checkpoint: fp32 master weights, Adam's two moments
 KV_RESERVE_GIB = 2.0  # an engine without room for a KV cache cannot serve
 GPU_OVERHEAD_GIB = 2.0  # CUDA context, NCCL buffers, allocator slack
 
@@ -105,14 +110,52 @@ def trainer_memory(cfg, params: float) -> dict:
     act = tokens * hidden * half * ((layers if t.gradient_checkpointing else 16 * layers) + 16)
     on_gpu["activations"] = act
     per_gpu = sum(on_gpu.values()) / GIB + GPU_OVERHEAD_GIB
-    per_node = cfg.cluster.gpus_per_node or 8
-    host = (shard * OPTIMIZER_BYTES * t.offload_optimizer + shard * half * t.offload_params) * min(per_node, world) / GIB
+    ranks = min(cfg.cluster.gpus_per_node or 8, world)  # ranks on one node
+    host = (shard * OPTIMIZER_BYTES * t.offload_optimizer + shard * half * t.offload_params) * ranks / GIB
     export = t.export_shard_gib + hidden * 32000 * half / GIB  # a shard + the embedding (Llama vocabulary)
+    # Resuming: each rank reads its checkpoint shard into host memory (DeepSpeed loads it to
+    # the CPU) on top of what is resident, before the states are copied into place.
+    resume = shard * CHECKPOINT_BYTES * ranks / GIB
     return {
         "per_gpu_gib": per_gpu,
         "breakdown_gib": {k: v / GIB for k, v in on_gpu.items()},
         "host_per_node_gib": host + export,
+        "host_per_node_resume_gib": host + resume,
         "export_host_gib": export,
+    }
+
+
+def checkpoint_plan(cfg, params: float | None, steps: int, step_seconds: float) -> dict:
+    """What the training's checkpoints will cost: size (in all and per rank), how many,
+    bytes written and held, and the time every trainer GPU waits for each at the storage's
+    bandwidth, in device-hours and money. Also `steps_per_checkpoint`, the default
+    interval's input (training.checkpoints.checkpoint_interval)."""
+    from s2d_ray.training.checkpoints import checkpoint_interval
+
+    t, c = cfg.train, cfg.cluster
+    size = (params or 0.0) * CHECKPOINT_BYTES
+    seconds = size / (c.storage_gib_per_s * GIB)
+    if t.checkpoint_staging == "local":
+        seconds *= 1.1  # the local write before the upload (node-local NVMe, ~10x the shared bandwidth)
+    per_step = seconds / step_seconds if step_seconds > 0 else 0.0
+    every = checkpoint_interval(t, steps, per_step)
+    count = len(range(every, steps, every)) if every else 0  # none at the last step: the export follows
+    idle_hours = count * seconds * t.workers / 3600
+    ranks = min(c.gpus_per_node or 8, t.workers)
+    return {
+        "bytes": size,
+        "bytes_per_rank": size / t.workers,
+        "every": every,
+        "count": count,
+        "bytes_written": size * count,
+        "bytes_held": size * min(count, t.keep_checkpoints),
+        "local_bytes_per_node": size / t.workers * ranks if t.checkpoint_staging == "local" else 0.0,
+        "seconds_each": seconds,
+        "steps_per_checkpoint": per_step,
+        "device_hours": idle_hours,
+        "cost": idle_hours * cfg.cost.device_hour_price,
+        "storage_gib_per_s": c.storage_gib_per_s,
+        "steps": steps,
     }
 
 
@@ -160,6 +203,12 @@ def check_fits(cfg) -> None:
             raise ValueError(
                 f"CPU offload needs ~{trainer['host_per_node_gib']:.0f} GiB of host memory per node > "
                 f"cluster.host_memory_gib {c.host_memory_gib:g}: add workers (smaller shards) or nodes"
+            )
+        if c.host_memory_gib is not None and trainer["host_per_node_resume_gib"] > c.host_memory_gib:
+            raise ValueError(
+                f"resuming from a checkpoint needs ~{trainer['host_per_node_resume_gib']:.0f} GiB of host memory per "
+                f"node (the offloaded states plus each rank's checkpoint shard read back) > cluster.host_memory_gib "
+                f"{c.host_memory_gib:g}: add workers (smaller shards) or nodes"
             )
 
 
@@ -211,7 +260,9 @@ def estimate(cfg) -> dict:
         steps = t.steps or max(1, math.ceil(t.epochs * train_inputs * cost.kept_fraction / (t.micro_batch_size * t.grad_accum * t.workers)))
         tokens = steps * t.micro_batch_size * t.grad_accum * t.workers * t.max_seq_len * frac
         hours = tokens / (train_tps * t.workers) / 3600
-        stages["train"] = {"steps": steps, "tokens": tokens, "device_hours": hours * t.workers}
+        plan = checkpoint_plan(cfg, params, steps, hours * 3600 / steps)
+        stages["train"] = {"steps": steps, "tokens": tokens, "device_hours": hours * t.workers + plan["device_hours"],
+                           "checkpoints": plan}  # fmt: skip
     if test_inputs is not None:
         calls = 1 + (_calls(program) if cfg.eval.system2 else 0) + 1  # system1, system2, distilled
         tokens = test_inputs * calls * cfg.eval.max_tokens * frac * swap
@@ -252,6 +303,9 @@ def render(cfg, est: dict) -> str:
         size = f"{st['steps']} steps" if "steps" in st else f"{st['inputs']} inputs"
         lines.append(f"{name:<10}{size:>14}{st['tokens']:>16,.0f}{st['device_hours']:>15.3f}{st['cost']:>12.2f} {cur}")
     lines.append(f"{'total':<10}{'':>14}{est['tokens']:>16,.0f}{est['device_hours']:>15.3f}{est['cost']:>12.2f} {cur}")
+    plan = est["stages"].get("train", {}).get("checkpoints")
+    if plan is not None:
+        lines.append(checkpoint_text(cfg, plan, cur))
     for split in ("train", cfg.eval.split):
         if not any(st.get("inputs") is not None for st in est["stages"].values()) or split_size(cfg.task, split) is None:
             lines.append(f"({split} split size unknown here: set task.limit.{split} to include it)")
@@ -272,6 +326,37 @@ def render(cfg, est: dict) -> str:
             parts = ", ".join(f"{k} {v:.1f}" for k, v in t["breakdown_gib"].items())
             lines.append(
                 f"memory: ZeRO-3 trainer ~{t['per_gpu_gib']:.1f} GiB per GPU of {cfg.cluster.gpu_memory_gib:g} ({parts} GiB), "
-                f"host ~{t['host_per_node_gib']:.0f} GiB per node for offload"
+                f"host ~{t['host_per_node_gib']:.0f} GiB per node for offload, ~{t['host_per_node_resume_gib']:.0f} GiB "
+                "while resuming from a checkpoint"
             )
     return "\n".join(lines)
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def checkpoint_text(cfg, plan: dict, currency: str) -> str:
+    """`s2d estimate`'s checkpoint line."""
+    each = f"{_bytes(plan['bytes'])} each ({_bytes(plan['bytes_per_rank'])} per rank)"
+    if not plan["count"]:
+        if cfg.train.checkpoint_every is not None:
+            why = f"train.checkpoint_every {cfg.train.checkpoint_every} with {plan['steps']} steps"
+        elif plan["steps"] < 10:
+            why = f"{plan['steps']} steps: redoing them costs less"
+        else:
+            why = "one would cost more than 10% of the training time"
+        return (f"checkpoints: none ({why}); one would be {each}, {plan['seconds_each'] / 60:.1f} min at "
+                f"{plan['storage_gib_per_s']:g} GiB/s (cluster.storage_gib_per_s)")  # fmt: skip
+    local = (f"; staged on each node's disk first: {_bytes(plan['local_bytes_per_node'])} per node"
+             if plan["local_bytes_per_node"] else "")  # fmt: skip
+    return (
+        f"checkpoints: {plan['count']} x {each}, every {plan['every']} steps; {_bytes(plan['bytes_written'])} written, "
+        f"{_bytes(plan['bytes_held'])} held (train.keep_checkpoints {cfg.train.keep_checkpoints}); "
+        f"{plan['seconds_each'] / 60:.1f} min each at {plan['storage_gib_per_s']:g} GiB/s (cluster.storage_gib_per_s) "
+        f"with {cfg.train.workers} GPUs waiting: {plan['device_hours']:.2f} device-hours, {plan['cost']:.2f} {currency} "
+        f"(in the train stage's figures){local}"
+    )

@@ -320,7 +320,8 @@ def train(cfg: JobConfig, run: RunDir, log=print) -> dict:
             marker = {"fingerprint": fingerprint(inputs), "trained_id": uuid.uuid4().hex, "inputs": inputs}
             stats = training.train(
                 run.distill, model, run.model, run.ray_train, cfg.train, log=log, attempt=fingerprint(inputs),
-                trained_from=marker,
+                trained_from=marker, chat_template=cfg.model.chat_template,
+                steps_per_checkpoint=_steps_per_checkpoint(cfg),
             )  # fmt: skip
         except EmptyDistillSet:
             # A model from an earlier distillation set would be evaluated as if it were this one.
@@ -331,6 +332,14 @@ def train(cfg: JobConfig, run: RunDir, log=print) -> dict:
     _record(cfg, run, "train", stats, log)
     log(f"train: {stats['steps']} steps, final loss {stats['final_loss']:.4f}, model in {run.model}")
     return stats
+
+
+def _steps_per_checkpoint(cfg: JobConfig) -> float:
+    """How many training steps' time one checkpoint takes to write, by the estimate."""
+    from s2d_ray.estimate import estimate
+
+    plan = estimate(cfg)["stages"].get("train", {}).get("checkpoints")
+    return plan["steps_per_checkpoint"] if plan else 0.0
 
 
 def eval_examples(cfg: JobConfig) -> list:
@@ -494,7 +503,8 @@ def generate_and_train(cfg: JobConfig, run: RunDir, log=print) -> dict:
         stream = distillation_stream(todo, stage, run.generate, earlier_rows, tag, health=health)
         empty = None
         try:
-            tstats = training.train_stream(stream, model, run.model, run.ray_train, cfg.train, log=log)
+            tstats = training.train_stream(stream, model, run.model, run.ray_train, cfg.train, log=log,
+                                           chat_template=cfg.model.chat_template)  # fmt: skip
         except EmptyDistillSet as err:
             if run.model.exists():
                 shutil.rmtree(run.model)

@@ -4,8 +4,10 @@ exported model again after a kill."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from s2d_ray.config import TrainConfig
@@ -20,29 +22,64 @@ TRAIN_STATE = "s2d_train_state.json"  # step, tokens, micro-batches consumed; "f
 READY = "export-ready"  # in an attempt's storage: the export, moved out of Ray Train's records
 
 
-def checkpoint_interval(cfg: TrainConfig, steps: int) -> int:
-    """Steps between checkpoints: `train.checkpoint_every`, or about ten a run; 0: none.
-    Unset and under ten steps: none (redoing a few steps costs less than saving them)."""
+# A checkpoint may cost at most this share of the training time between two of them
+# when train.checkpoint_every is unset (its cost: s2d_ray.estimate.checkpoint_plan).
+CHECKPOINT_BUDGET = 0.10
+
+
+def checkpoint_interval(cfg: TrainConfig, steps: int, steps_per_checkpoint: float = 0.0) -> int:
+    """Steps between checkpoints: `train.checkpoint_every`, else chosen from the cost of one
+    (`steps_per_checkpoint`: how many training steps' time one takes to write, from the
+    estimate): about ten a run, but never so often that writing them takes more than
+    CHECKPOINT_BUDGET of the training time. 0: none, also under ten steps (redoing a few
+    steps costs less than saving them) and when even one would cost more than that."""
     if cfg.checkpoint_every is not None:
         return cfg.checkpoint_every
-    return steps // 10 if steps >= 10 else 0
+    if steps < 10:
+        return 0
+    every = max(steps // 10, math.ceil(steps_per_checkpoint / CHECKPOINT_BUDGET))
+    return every if every < steps else 0
 
 
-def save_checkpoint(engine, rank: int, state: dict, metrics: dict) -> None:
-    """Every rank writes its own ZeRO-3 shard (model, optimizer, scheduler) to local disk
-    and reports it; Ray Train merges the ranks' files into one checkpoint folder, which
-    counts only once every rank's upload has finished (a cut-short save never becomes the
-    latest checkpoint). Collective."""
+@contextmanager
+def checkpoint_folder(name: str, staging: str):
+    """(folder, report): where this rank writes the checkpoint `name`, and the collective
+    that hands it to Ray Train, which counts it only once every rank has reported (a save
+    cut short never becomes the latest checkpoint).
+
+    staging "none": straight into the run directory's storage, one folder for all ranks
+    (each writes its own files), recorded where it is (no copy). staging "local": on the
+    node's disk ($TMPDIR), then copied by Ray Train into its storage."""
     import ray.train
+    from ray.train import Checkpoint, CheckpointUploadMode
 
-    folder = Path(tempfile.mkdtemp(prefix="s2d-ckpt-"))
+    if staging == "local":
+        folder = Path(tempfile.mkdtemp(prefix="s2d-ckpt-"))
+        options = {}
+    else:
+        folder = Path(ray.train.get_context().get_storage().experiment_fs_path) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        options = {"checkpoint_dir_name": name, "checkpoint_upload_mode": CheckpointUploadMode.NO_UPLOAD}
+
+    def report(metrics: dict, with_checkpoint: bool = True) -> None:
+        checkpoint = Checkpoint.from_directory(str(folder)) if with_checkpoint else None
+        ray.train.report(dict(metrics), checkpoint=checkpoint, **options)
+
     try:
+        yield folder, report
+    finally:
+        if staging == "local":
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def save_checkpoint(engine, rank: int, state: dict, metrics: dict, staging: str = "none") -> None:
+    """Every rank writes its own ZeRO-3 shard (model, optimizer, scheduler) and reports it
+    (see `checkpoint_folder`). Collective."""
+    with checkpoint_folder(f"checkpoint_step_{state['step']:06d}", staging) as (folder, report):
         engine.save_checkpoint(str(folder), tag=ZERO_TAG)
         if rank == 0:
             (folder / TRAIN_STATE).write_text(json.dumps(state))
-        ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        report(metrics)
 
 
 def complete_export(folder: Path) -> bool:

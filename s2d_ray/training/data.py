@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from s2d_ray.chat import chat_prompt
+from s2d_ray.chat import prompt_ids
 from s2d_ray.config import TrainConfig
 
 
@@ -20,13 +20,12 @@ def total_steps(cfg: TrainConfig, rows: int) -> int:
     return max(1, math.ceil(cfg.epochs * rows / per_step))
 
 
-def encode(tokenizer, prompt: str, target: str, max_len: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels: the chat-formatted prompt is masked, the answer is learned."""
-    prefix = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+def encode(tokenizer, prompt: str, target: str, chat_template: str | None = None) -> tuple[list[int], list[int]]:
+    """Token ids and labels: the prompt (the same ids the engines are handed, `chat.prompt_ids`)
+    is masked, the answer and EOS are learned."""
+    prefix = prompt_ids(tokenizer, prompt, chat_template)
     answer = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (prefix + answer)[-max_len:]
-    labels = ([IGNORE] * len(prefix) + answer)[-max_len:]
-    return ids, labels
+    return prefix + answer, [IGNORE] * len(prefix) + answer
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
@@ -47,23 +46,26 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
 _TOKENIZERS: dict[str, object] = {}
 
 
-def tokenize_rows(batch, model_path: str, max_len: int):
+def tokenize_rows(batch, model_path: str, max_len: int, chat_template: str | None = None):
     """Ray Data stage before the trainer: (prompt, target) rows -> token ids and labels,
-    tokenized once here instead of inside every training step."""
+    tokenized once here instead of inside every training step. A row longer than
+    `max_len` is left out, not cut: cutting from the left would drop the template's start
+    (BOS, `[INST]`), from the right the answer (the driver counts what was left out)."""
     import pandas as pd
     from transformers import AutoTokenizer
 
     if model_path not in _TOKENIZERS:
         _TOKENIZERS[model_path] = AutoTokenizer.from_pretrained(model_path)
     tokenizer = _TOKENIZERS[model_path]
-    encoded = [encode(tokenizer, p, t, max_len) for p, t in zip(batch["prompt"], batch["target"])]
-    return pd.DataFrame({"input_ids": [e[0] for e in encoded], "labels": [e[1] for e in encoded]})
+    rows = [(i, *encode(tokenizer, p, t, chat_template)) for i, p, t in zip(batch["id"], batch["prompt"], batch["target"])]
+    rows = [r for r in rows if len(r[1]) <= max_len]
+    return pd.DataFrame({"id": [r[0] for r in rows], "input_ids": [r[1] for r in rows], "labels": [r[2] for r in rows]})
 
 
-def tokenized(ds, model_path: Path, cfg: TrainConfig):
+def tokenized(ds, model_path: Path, cfg: TrainConfig, chat_template: str | None = None):
     """The distillation set (or stream) with token ids, for the trainer workers."""
     return ds.map_batches(
-        tokenize_rows, fn_kwargs={"model_path": str(model_path), "max_len": cfg.max_seq_len},
+        tokenize_rows, fn_kwargs={"model_path": str(model_path), "max_len": cfg.max_seq_len, "chat_template": chat_template},
         batch_format="pandas", num_cpus=0,  # light, and the trainer ranks may hold every CPU
     )  # fmt: skip
 
@@ -87,21 +89,25 @@ def bucketed(rows: list[tuple[list[int], list[int]]], size: int, max_tokens: int
     return out
 
 
-def micro_batches(shard, cfg: TrainConfig, cycle: bool, prefetch: int = 2):
-    """The worker's micro-batches, as lists of (ids, labels), from its shard of tokenized
-    rows: bucketed by length within windows of cfg.bucket_window micro-batches.
+def micro_batches(shard, cfg: TrainConfig, cycle: bool, prefetch: int = 2, rank: int = 0, world: int = 1):
+    """The worker's micro-batches, as lists of (ids, labels), bucketed by length within
+    windows of cfg.bucket_window micro-batches.
+
+    `world` > 1: `shard` is the whole tokenized set in the same order on every rank (sorted
+    by id, order preserved), and this rank takes every world-th row from `rank` on: the
+    split is a function of the set alone, so a resumed training skips exactly the
+    micro-batches it had consumed (Ray Data's own split may hand a rank other rows on
+    another run once the set has several blocks). `world` 1: `shard` is this rank's.
 
     `cycle`: forever, window after window, pass after pass (every worker must take the
     same number of steps, or the ZeRO-3 collectives of the worker with more data would
-    wait for ever); else one pass (a stream). The sequence is the same on every run over
-    the same shard, which is what resuming at a micro-batch count relies on."""
+    wait for ever); else one pass (a stream)."""
     window = cfg.micro_batch_size * cfg.bucket_window
     k = 0
     while True:
         empty = True
-        for batch in shard.iter_batches(batch_size=window, batch_format="pandas", prefetch_batches=prefetch):
+        for rows in _windows(shard, window, prefetch, rank, world):
             empty = False
-            rows = [(list(i), list(lab)) for i, lab in zip(batch["input_ids"], batch["labels"])]
             yield from bucketed(rows, cfg.micro_batch_size, cfg.micro_batch_tokens, cfg.seed + k)
             k += 1
         if not cycle:
@@ -109,3 +115,17 @@ def micro_batches(shard, cfg: TrainConfig, cycle: bool, prefetch: int = 2):
         if empty:
             raise RuntimeError("this worker's shard of the distillation set is empty")
 
+
+def _windows(shard, window: int, prefetch: int, rank: int, world: int):
+    """This rank's rows, `window` at a time."""
+    rows, index = [], 0
+    for batch in shard.iter_batches(batch_size=window * world, batch_format="pandas", prefetch_batches=prefetch):
+        for ids, labels in zip(batch["input_ids"], batch["labels"]):
+            if index % world == rank:
+                rows.append((list(ids), list(labels)))
+                if len(rows) == window:
+                    yield rows
+                    rows = []
+            index += 1
+    if rows:
+        yield rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -27,9 +28,13 @@ TRAINED_FROM = ".s2d-trained-from.json"  # in model/: the inputs it was trained 
 
 def train(
     distill_dir: Path, model_path: Path, out_dir: Path, storage: Path, cfg: TrainConfig, log=print,
-    attempt: str | None = None, trained_from: dict | None = None,
+    attempt: str | None = None, trained_from: dict | None = None, chat_template: str | None = None,
+    steps_per_checkpoint: float = 0.0,
 ) -> dict:
     """Fine-tune on the distillation set; writes a Hugging Face checkpoint to `out_dir`.
+
+    `steps_per_checkpoint`: how many steps' time one checkpoint takes to write (from the
+    estimate), for the default interval (`checkpoints.checkpoint_interval`).
 
     `attempt` names this training's storage under `storage` (a fingerprint of its inputs):
     a rerun with the same inputs resumes from its latest checkpoint; other attempts'
@@ -42,32 +47,52 @@ def train(
     rows = ds.count()
     if rows == 0:
         raise EmptyDistillSet("the distillation set is empty: the filter kept no input")
-    if rows < cfg.workers:
-        # Every worker needs a non-empty shard; a tiny set is repeated (training cycles
-        # over its data anyway).
-        log(f"training: {rows} row(s) for {cfg.workers} workers; repeating them so every worker has data")
-        ds = ray.data.from_items(ds.take_all() * math.ceil(cfg.workers / rows)).materialize()
-    ds = tokenized(ds, model_path, cfg).materialize()  # once, here: the workers only batch and pad
-    steps = total_steps(cfg, rows)
-    every = checkpoint_interval(cfg, steps)
-    log(f"training: {rows} rows, {steps} steps, {cfg.workers} workers, ZeRO-3"
+    # Once, here: the workers only batch and pad.
+    ds = tokenized(ds, model_path, cfg, chat_template).materialize()
+    fitting = ds.count()
+    too_long = rows - fitting
+    if not fitting:
+        raise S2DError(f"every one of the {rows} distillation rows is longer than train.max_seq_len {cfg.max_seq_len} "
+                       "tokens (prompt and answer): raise train.max_seq_len")  # fmt: skip
+    if too_long:
+        log(f"training: {too_long} of {rows} rows are longer than train.max_seq_len {cfg.max_seq_len} tokens and are "
+            "left out (cutting them would lose the prompt's start or the answer)")  # fmt: skip
+    if fitting < cfg.workers:
+        # Every worker needs rows of its own; a tiny set is repeated (training cycles over
+        # its data anyway).
+        log(f"training: {fitting} row(s) for {cfg.workers} workers; repeating them so every worker has data")
+        ds = ray.data.from_items(ds.take_all() * math.ceil(cfg.workers / fitting))
+    # Sorted by id: every rank reads the same order and takes its own rows from it
+    # (training.data.micro_batches), the same rows on every run.
+    ds = ds.sort("id").materialize()
+    # The ranks read it through their own executors; their progress bars, finished after
+    # training by the time Ray streams them, would reach the terminal after s2d's lines.
+    ds.context.enable_progress_bars = False
+    steps = total_steps(cfg, fitting)
+    every = checkpoint_interval(cfg, steps, steps_per_checkpoint)
+    log(f"training: {fitting} rows, {steps} steps, {cfg.workers} workers, ZeRO-3"
         + (f", a checkpoint every {every} steps" if every else ""))  # fmt: skip
-    return fit(ds, rows, steps, model_path, out_dir, storage, cfg, stream=False, attempt=attempt, log=log,
-               trained_from=trained_from)  # fmt: skip
+    stats = fit(ds, fitting, steps, model_path, out_dir, storage, cfg, stream=False, attempt=attempt, log=log,
+                trained_from=trained_from, chat_template=chat_template, every=every)  # fmt: skip
+    return {**stats, "too_long": too_long}
 
 
-def train_stream(ds, model_path: Path, out_dir: Path, storage: Path, cfg: TrainConfig, log=print) -> dict:
+def train_stream(ds, model_path: Path, out_dir: Path, storage: Path, cfg: TrainConfig, log=print,
+                 chat_template: str | None = None) -> dict:  # fmt: skip
     """Fine-tune on a distillation stream while it is generated (one pass, `cfg.steps` at most).
 
     A stream cannot be replayed: no checkpoints, no restarts; a failure fails the stage
     (the rows are in generate/ and distill/, so `s2d train` can then train on them)."""
-    log(f"training: streaming, up to {cfg.steps} steps, {cfg.workers} workers, ZeRO-3")
-    return fit(tokenized(ds, model_path, cfg), None, cfg.steps, model_path, out_dir, storage, cfg, stream=True, attempt=None, log=log)
+    log(f"training: streaming, up to {cfg.steps} steps, {cfg.workers} workers, ZeRO-3 (rows longer than "
+        f"train.max_seq_len {cfg.max_seq_len} are left out, uncounted)")  # fmt: skip
+    return fit(tokenized(ds, model_path, cfg, chat_template), None, cfg.steps, model_path, out_dir, storage, cfg,
+               stream=True, attempt=None, log=log, chat_template=chat_template)  # fmt: skip
 
 
 def fit(
     ds, rows: int | None, steps: int, model_path: Path, out_dir: Path, storage: Path, cfg: TrainConfig, stream: bool,
-    attempt: str | None, log=print, trained_from: dict | None = None,
+    attempt: str | None, log=print, trained_from: dict | None = None, chat_template: str | None = None,
+    every: int = 0,
 ) -> dict:
     """Run the Ray Train worker group over `ds` and move its exported model into `out_dir`."""
     import uuid
@@ -90,7 +115,8 @@ def fit(
         metrics = json.loads((exported / TRAIN_STATE).read_text())
     else:
         with StepWatch(steps_file, steps, log):
-            exported, metrics = _run_trainer(ds, steps, model_path, storage, cfg, stream, name, steps_file)
+            exported, metrics = _run_trainer(ds, steps, model_path, storage, cfg, stream, name, steps_file, chat_template,
+                                             every)  # fmt: skip
     ready = attempt_dir / READY
     if exported != ready:
         # Ray Train's record of this attempt lists the export: once it is moved, a rerun
@@ -119,14 +145,18 @@ def fit(
 
 
 def _run_trainer(ds, steps: int, model_path: Path, storage: Path, cfg: TrainConfig, stream: bool, name: str,
-                 steps_file: Path):  # fmt: skip
+                 steps_file: Path, chat_template: str | None = None, every: int = 0):  # fmt: skip
     """Ray Train's fit; returns (the exported model's folder in storage, final metrics)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from s2d_ray.cluster import ray_logs_dir
+    from s2d_ray.hooks import BOUNDARY_ENV
 
     env = {"TOKENIZERS_PARALLELISM": "false"}
+    if os.environ.get(BOUNDARY_ENV):  # test hook: what the ranks train on is recorded
+        env[BOUNDARY_ENV] = os.environ[BOUNDARY_ENV]
     on_cpu = not cfg.use_gpu or fake_gpus()  # fake GPUs (tests): GPU resources, CPU compute
     if on_cpu:
         env["DS_ACCELERATOR"] = "cpu"
@@ -145,11 +175,17 @@ def _run_trainer(ds, steps: int, model_path: Path, storage: Path, cfg: TrainConf
             "backend": backend,
             "stream": stream,
             "progress": str(steps_file),
+            "chat_template": chat_template,
+            "checkpoint_every": every,
         },
         scaling_config=ScalingConfig(**trainer_scaling(cfg)),
         # Covers every collective, the export's gathers while rank 0 writes a shard included.
         torch_config=TorchConfig(backend=backend, timeout_s=int(cfg.collective_timeout_s)),
         datasets={"train": ds},
+        # Sequential: every rank reads the whole set in order and takes its own rows (a
+        # split that a resume can rely on, see data.micro_batches); a stream is split by Ray.
+        dataset_config=DataConfig(datasets_to_split="all") if stream else DataConfig(
+            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
         run_config=RunConfig(
             name=name,
             storage_path=str(storage),

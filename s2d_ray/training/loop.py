@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from s2d_ray.config import TrainConfig
+from s2d_ray.hooks import record_boundary
 from s2d_ray.placement import wait_for_free_gpu
 from s2d_ray.training import zero3
-from s2d_ray.training.checkpoints import TRAIN_STATE, ZERO_TAG, checkpoint_interval, save_checkpoint
+from s2d_ray.chat import RAW
+from s2d_ray.training.checkpoints import TRAIN_STATE, ZERO_TAG, checkpoint_folder, save_checkpoint
 from s2d_ray.training.data import collate, micro_batches
 from s2d_ray.training.export import export_hf
 from s2d_ray.training.progress import note_step
@@ -22,9 +22,13 @@ from s2d_ray.training.progress import note_step
 TRAINER_FREE_GPU = 0.8  # share of a GPU's memory a rank waits for before it loads the model
 
 
-def train_micro_batch(engine, examples: list[tuple[list[int], list[int]]], pad_id: int):
+def train_micro_batch(engine, examples: list[tuple[list[int], list[int]]], pad_id: int, full_rows: int | None = None):
     """Forward, backward and step of one micro-batch; returns (detached loss, non-padding
     tokens). The loss stays on the device: reading it is one sync per step, by the caller.
+
+    The gradient weighs each row alike: the micro-batch's mean loss is scaled by its rows
+    over `full_rows` (train.micro_batch_size), so that a bucketing remainder of one row (or
+    a short micro-batch under train.micro_batch_tokens) does not count as much as a full one.
 
     DeepSpeed's `engine.forward` does not move inputs: the batch goes to the engine's
     device here (a CUDA rank would otherwise get CPU tensors and fail on its first step).
@@ -32,8 +36,9 @@ def train_micro_batch(engine, examples: list[tuple[list[int], list[int]]], pad_i
     batch = collate(examples, pad_id)
     tokens = int(batch[2].sum())  # on the host, before the copy: no device sync
     input_ids, labels, mask = (t.to(engine.device, non_blocking=True) for t in batch)
+    record_boundary("train", {"rows": [[ids, labels] for ids, labels in examples]})
     loss = engine(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-    engine.backward(loss)
+    engine.backward(loss * (len(examples) / full_rows) if full_rows else loss)
     engine.step()
     return loss.detach(), tokens
 
@@ -73,9 +78,13 @@ def train_loop(config: dict) -> None:
     engine = zero3.initialize(model, ds_config, zero3.lr_schedule(cfg, steps))
 
     shard = ray.train.get_dataset_shard("train")
-    # A stream is one pass as generation produces it; the split is equal across ranks and
-    # micro-batches have fixed row counts there, so every rank runs out at the same step.
-    batches = micro_batches(shard, cfg, cycle=not config["stream"])
+    # A stream is one pass as generation produces it, split by Ray; the split is equal across
+    # ranks and micro-batches have fixed row counts there, so every rank runs out at the same
+    # step. Otherwise every rank reads the whole set and takes its own rows.
+    if config["stream"]:
+        batches = micro_batches(shard, cfg, cycle=False)
+    else:
+        batches = micro_batches(shard, cfg, cycle=True, rank=rank, world=world)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     started = time.perf_counter()
     first, tokens_seen, consumed, padded = 1, 0, 0, 0
@@ -103,7 +112,7 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             print(f"train: resumed from the checkpoint of step {state['step']} of {steps} ({Path(loaded).parent.parent.name})", flush=True)
             note_step(config["progress"], {"resumed": state["step"], "steps": steps})
-    every = checkpoint_interval(cfg, steps) if not config["stream"] else 0
+    every = config["checkpoint_every"] if not config["stream"] else 0
     metrics = {"step": first - 1, "loss": None, "tokens": tokens_seen, "seconds": 0.0}
     for step in range(first, steps + 1):
         losses = []
@@ -112,16 +121,16 @@ def train_loop(config: dict) -> None:
             if batch is None:
                 break
             consumed += 1
-            loss, tokens = train_micro_batch(engine, batch, pad)
+            loss, tokens = train_micro_batch(engine, batch, pad, cfg.micro_batch_size)
             tokens_seen += tokens
             padded += len(batch) * max(len(ids) for ids, _ in batch)
-            losses.append(loss)
+            losses.append((loss, len(batch)))
         if not losses:
             if rank == 0:
                 print(f"train: the stream ended after {step - 1} of {steps} steps", flush=True)
             break
         elapsed = time.perf_counter() - started
-        loss = sum(float(x) for x in losses) / len(losses)
+        loss = sum(float(x) * n for x, n in losses) / sum(n for _, n in losses)  # per row, as trained
         metrics = {"step": step, "loss": loss, "tokens": tokens_seen, "seconds": elapsed}
         padding = 1 - tokens_seen / max(padded, 1)
         if rank == 0:
@@ -134,22 +143,21 @@ def train_loop(config: dict) -> None:
             note_step(config["progress"], {**metrics, "steps": steps, "padding": padding})
         if every and step % every == 0 and step < steps:
             state = {"step": step, "tokens": tokens_seen, "micro_batches": consumed, "padded": padded, "seconds": elapsed}
-            save_checkpoint(engine, rank, state, metrics)
+            save_checkpoint(engine, rank, state, metrics, staging=cfg.checkpoint_staging)
 
     if metrics["step"] == 0:  # nothing came down the stream: no model, not the base one renamed
         ray.train.report(metrics)
         return
-    # Staged on the node's local disk (TMPDIR), then uploaded by Ray Train to its storage.
-    export = Path(tempfile.mkdtemp(prefix="s2d-export-"))
-    try:
+    # Written straight into the run directory's storage (or, with train.checkpoint_staging
+    # local, on the node's disk and then uploaded by Ray Train).
+    final = {**metrics, "tokens_total": tokens_seen * world, "final": True}
+    with checkpoint_folder("checkpoint_final", cfg.checkpoint_staging) as (export, report):
         # Collective: every rank takes part in gathering the ZeRO-3 shards; rank 0 writes.
         export_hf(engine, export if rank == 0 else None, shard_bytes=int(cfg.export_shard_gib * 2**30))
-        checkpoint = None
         if rank == 0:
+            if config.get("chat_template") not in (None, RAW):
+                tokenizer.chat_template = config["chat_template"]  # the distilled model answers in the same format
             tokenizer.save_pretrained(export)
-            (export / TRAIN_STATE).write_text(json.dumps({**metrics, "final": True, "tokens_total": tokens_seen * world}))
-            checkpoint = ray.train.Checkpoint.from_directory(str(export))
-        ray.train.report({**metrics, "tokens_total": tokens_seen * world, "final": True}, checkpoint=checkpoint)
-    finally:
-        shutil.rmtree(export, ignore_errors=True)
+            (export / TRAIN_STATE).write_text(json.dumps(final))
+        report(final, with_checkpoint=rank == 0)
 

@@ -52,7 +52,9 @@ def test_training_survives_a_dead_rank_and_a_dead_driver_and_teaches_the_model_i
     trainer = _Command("train", [*cmd, "--verbose"])  # the ranks' own lines, live: rank 0's pid
     rank0 = trainer.wait_for(r"RayTrainWorker pid=(\d+)\).*?train step 3/")  # after the checkpoint of step 2
     os.kill(int(rank0.group(1)), signal.SIGKILL)  # the rank that prints: rank 0
-    trainer.wait_for(r"resumed from the checkpoint of step 2 of 8")
+    # Read back from the run directory's storage itself, where every rank wrote its shard
+    # (train.checkpoint_staging none: no local copy uploaded; the name is ours, not Ray's).
+    trainer.wait_for(r"resumed from the checkpoint of step 2 of 8 \(checkpoint_step_000002\)")
     trainer.wait_for(r"resumed from the checkpoint[\s\S]*train step 6/8")  # the step-4 checkpoint is complete
     trainer.kill()  # now the driver itself: the command is gone, Ray with it
     log = trainer.log

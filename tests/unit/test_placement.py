@@ -137,3 +137,32 @@ def test_gpu_engines_compile_by_default_and_cpu_engines_do_not():
         load_config(PAPER, ["train.collective_timeout_s=5"])
     with pytest.raises(ConfigError, match="train.export_shard_gib"):
         load_config(PAPER, ["train.export_shard_gib=0"])
+
+
+def test_resuming_counts_the_checkpoint_read_back_into_host_memory():
+    cfg = load_config(JOBS / "paper" / "coin-flip-rar2-70b.yaml")
+    mem = trainer_memory(cfg, 69e9)
+    # 8 ranks a node, each reading its 12-byte-a-parameter shard on top of 16 bytes resident.
+    assert 1.7 < mem["host_per_node_resume_gib"] / (mem["host_per_node_gib"] - mem["export_host_gib"]) < 1.8
+    steady = mem["host_per_node_gib"]
+    with pytest.raises(ConfigError, match="resuming from a checkpoint needs ~9\\d\\d GiB of host memory per node"):
+        load_config(JOBS / "paper" / "coin-flip-rar2-70b.yaml", [f"cluster.host_memory_gib={steady + 50:.0f}"])
+
+
+def test_checkpoints_are_planned_from_their_cost():
+    from s2d_ray.estimate import checkpoint_plan
+    from s2d_ray.training.checkpoints import checkpoint_interval
+
+    cfg = load_config(JOBS / "paper" / "gsm8k-cot-70b.yaml")
+    plan = estimate(cfg)["stages"]["train"]["checkpoints"]
+    assert plan["bytes"] == 69e9 * 12 and plan["bytes_per_rank"] == 69e9 * 12 / 16
+    assert plan["count"] == len(range(plan["every"], 5000, plan["every"]))
+    assert plan["device_hours"] == pytest.approx(plan["count"] * plan["seconds_each"] * 16 / 3600)
+    # Unset interval: never more than 10% of the training time spent writing checkpoints.
+    t = cfg.train.model_copy(update={"checkpoint_every": None})
+    assert checkpoint_interval(t, 1000, steps_per_checkpoint=30.0) == 300
+    assert checkpoint_interval(t, 1000, steps_per_checkpoint=0.1) == 100  # about ten a run
+    assert checkpoint_interval(t, 100, steps_per_checkpoint=30.0) == 0  # one would cost more than that
+    assert checkpoint_interval(t, 9, steps_per_checkpoint=0.0) == 0
+    slow = load_config(JOBS / "paper" / "gsm8k-cot-70b.yaml", ["cluster.storage_gib_per_s=0.25"])
+    assert checkpoint_plan(slow, 69e9, 5000, 10.0)["seconds_each"] == pytest.approx(4 * plan["seconds_each"])

@@ -110,3 +110,72 @@ def test_a_worker_sees_the_same_micro_batches_on_every_pass_and_cycles():
     forever = micro_batches(Shard(), cfg, cycle=True)
     twice = [sorted(len(ids) for ids, _ in next(forever)) for _ in range(10)]
     assert twice[:5] == one_pass and sorted(twice[5:]) == sorted(one_pass)  # same rows, reshuffled per window
+
+
+class _Shard:
+    """A Ray Data shard stand-in: the same rows, cut into blocks of another size per run."""
+
+    def __init__(self, rows, block):
+        self.rows, self.block = rows, block
+
+    def iter_batches(self, batch_size, batch_format, prefetch_batches):
+        import pandas as pd
+
+        for i in range(0, len(self.rows), self.block):
+            part = self.rows[i : i + self.block]
+            yield pd.DataFrame({"input_ids": [r[0] for r in part], "labels": [r[1] for r in part]})
+
+
+def test_each_rank_takes_its_own_rows_whatever_the_blocks():
+    from s2d_ray.config import TrainConfig
+    from s2d_ray.training import micro_batches
+
+    rows = [([i] * (1 + i % 5), [i] * (1 + i % 5)) for i in range(40)]
+    cfg = TrainConfig(micro_batch_size=2, bucket_window=2)
+
+    def seen(rank, block):
+        gen = micro_batches(_Shard(rows, block), cfg, cycle=True, rank=rank, world=4)
+        return [[ids[0] for ids, _ in next(gen)] for _ in range(5)]  # one pass: 10 rows, 5 micro-batches
+
+    for rank in range(4):
+        first = seen(rank, 7)
+        assert first == seen(rank, 13) == seen(rank, 40)  # resuming at a micro-batch count is sound
+        assert sorted(i for b in first for i in b) == list(range(rank, 40, 4))  # disjoint, together all rows
+
+
+def test_a_short_micro_batch_weighs_its_rows_not_a_full_micro_batch():
+    import torch
+
+    from s2d_ray.training import train_micro_batch
+
+    class Engine:
+        device = "cpu"
+        backward_with = None
+
+        def __call__(self, input_ids, attention_mask, labels):
+            return type("Out", (), {"loss": torch.tensor(2.0)})()
+
+        def backward(self, loss):
+            self.backward_with = float(loss)
+
+        def step(self):
+            pass
+
+    engine = Engine()
+    loss, _ = train_micro_batch(engine, _rows(3), pad_id=0, full_rows=16)  # a bucketing remainder of one row
+    assert float(loss) == 2.0 and engine.backward_with == 2.0 / 16
+    train_micro_batch(engine, _rows(3, 4, 5, 6), pad_id=0, full_rows=4)
+    assert engine.backward_with == 2.0
+
+
+def test_a_row_longer_than_max_seq_len_is_left_out_not_cut(tmp_path):
+    import pandas as pd
+
+    from s2d_ray.training.data import tokenize_rows
+    from tests.fixtures.models import make_model
+
+    folder = make_model("llama2-chat", tmp_path / "m", weights=False)
+    batch = pd.DataFrame({"id": ["a", "b"], "prompt": ["short", "long " * 200], "target": ["Answer: x", "Answer: y"]})
+    out = tokenize_rows(batch, str(folder), max_len=64)
+    assert list(out["id"]) == ["a"]  # cut from the left, "b" would have lost its BOS and [INST]
+    assert out["input_ids"][0][0] == 1 and out["input_ids"][0][1] != 1
