@@ -201,6 +201,21 @@ class Engine:
         """Length of a chat-formatted prompt in tokens, counted as `submit` counts it."""
         return len(self.encode(user_text))
 
+    def kill(self) -> None:
+        """Before the hosting process leaves without cleanup (os._exit): kill every process
+        it started. On a GPU, vLLM's engine core is a child process that owns the GPU (and
+        the Ray workers of a tensor-parallel engine, which die with it); nothing in vLLM
+        0.32 makes it notice its parent's exit, so it would keep the GPU for ever."""
+        import psutil
+
+        children = psutil.Process().children(recursive=True)
+        for child in children:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(children, timeout=10)
+
     def close(self) -> None:
         llm = getattr(self, "llm", None)
         if llm is None:

@@ -130,31 +130,112 @@ def engine_remote_args(cfg, env: dict, tag: str = "") -> dict:
     if cfg.gpus_per_engine == 1:
         return {"num_cpus": cfg.cpus_per_engine, "num_gpus": 1, "runtime_env": {"env_vars": env}}
     bundles, strategy = engine_bundles(cfg.tensor_parallel, cfg.pipeline_parallel, cfg.cpus_per_engine)
-    groups: list = []  # at most one group per engine the pool may hold (concurrency max)
-    calls = [0]
+    groups = EngineGroups(bundles, strategy, f"{GROUP_PREFIX}{tag}-", cfg.concurrency[1], cfg.cpus_per_engine)
 
     def placement() -> dict:
-        # Ray Data asks for remote args each time it starts an actor (restarts and pending
-        # retries included); the groups form a ring of `max` so that the GPUs reserved
-        # never exceed what the job asks for (an autoscaler would add nodes for the rest).
-        import ray
+        # Ray Data asks for remote args each time it starts an actor (a scale-up, a
+        # replacement): each new actor gets a group no live actor holds. It also asks
+        # without starting one (its issue detectors read the memory setting): no claim then.
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        index = calls[0] % cfg.concurrency[1]
-        calls[0] += 1
-        if index == len(groups):
-            name = f"{GROUP_PREFIX}{tag}-{uuid.uuid4().hex[:8]}"
-            groups.append(ray.util.placement_group(bundles, strategy=strategy, name=name))
+        group = groups.peek() if _probing() else groups.take()
         return {
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
                 # vLLM hands the group to its Ray workers itself (ParallelConfig.placement_group);
                 # capturing child tasks would pull any other task into bundles without CPUs.
-                groups[index], placement_group_bundle_index=0, placement_group_capture_child_tasks=False
+                group, placement_group_bundle_index=0, placement_group_capture_child_tasks=False
             )
         }
 
     # The actor takes the first bundle's CPUs; its GPUs belong to vLLM's workers.
     return {"num_cpus": cfg.cpus_per_engine, "ray_remote_args_fn": placement, "runtime_env": {"env_vars": env}}
+
+
+def _probing() -> bool:
+    """Whether Ray Data is only reading an operator's remote args, not starting an actor:
+    in Ray 2.60 such reads go through MapOperator._get_dynamic_ray_remote_args, actor
+    starts through ActorPoolMapOperator._merge_ray_remote_args. Any other caller claims."""
+    import sys
+
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name == "_get_dynamic_ray_remote_args":
+            return True
+        if frame.f_code.co_name in ("_merge_ray_remote_args", "_start_actor"):
+            return False
+        frame = frame.f_back
+    return False
+
+
+class EngineGroups:
+    """The engine pool's placement groups: at most `most` (engine.concurrency max), so the
+    GPUs reserved never exceed what the job asks for, and each handed to one actor at a time.
+
+    A group is free for a new actor when no actor holds its first bundle (the actor's CPUs
+    there are all available) and it was not handed out in the last `grace_s` (an actor
+    handed it may not be scheduled yet). A ring would hand a live actor's group to a new
+    one after Ray Data scaled the pool down and up again (the new actor then waits for
+    ever). With every group held (a dying actor not yet gone), it waits up to `wait_s` for
+    one to free, then adds a group (pending until GPUs are free; removed with the stage)."""
+
+    def __init__(self, bundles: list[dict], strategy: str, prefix: str, most: int, cpus: float,
+                 grace_s: float = 60.0, wait_s: float = 30.0):  # fmt: skip
+        self.bundles, self.strategy, self.prefix, self.most, self.cpus = bundles, strategy, prefix, most, cpus
+        self.grace_s, self.wait_s = grace_s, wait_s
+        self.groups: list = []
+        self.handed: list[float] = []
+
+    def peek(self):
+        """A group for a caller that only reads the remote args (Ray Data's memory probes):
+        nothing is claimed; the first group is made if there is none (the first engine
+        will take it)."""
+        if not self.groups:
+            self._new()
+            self.handed[0] = float("-inf")
+        return self.groups[0]
+
+    def take(self):
+        import ray
+
+        free = self.free()
+        if free:  # a group no engine holds (a peeked one, or one whose engine went)
+            oldest = min(free, key=lambda i: self.handed[i])
+            self.handed[oldest] = time.monotonic()
+            return self.groups[oldest]
+        if len(self.groups) < self.most:
+            return self._new()
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            free = self.free()
+            if free:
+                oldest = min(free, key=lambda i: self.handed[i])
+                self.handed[oldest] = time.monotonic()
+                return self.groups[oldest]
+            if time.monotonic() >= deadline:
+                print(f"engines: every placement group of the pool is held; adding one ({len(self.groups) + 1})", flush=True)
+                return self._new()
+            time.sleep(1.0)
+            ray.available_resources()  # (the view refreshes between polls)
+
+    def free(self) -> list[int]:
+        import ray
+
+        available = ray.available_resources()
+        now = time.monotonic()
+        out = []
+        for i, group in enumerate(self.groups):
+            key = f"CPU_group_0_{group.id.hex()}"  # Ray's resource of a placed group's first bundle
+            if now - self.handed[i] >= self.grace_s and available.get(key, 0.0) >= self.cpus - 1e-9:
+                out.append(i)
+        return out
+
+    def _new(self):
+        import ray
+
+        group = ray.util.placement_group(self.bundles, strategy=self.strategy, name=f"{self.prefix}{uuid.uuid4().hex[:8]}")
+        self.groups.append(group)
+        self.handed.append(time.monotonic())
+        return group
 
 
 def trainer_scaling(t) -> dict:
@@ -226,7 +307,7 @@ def wait_for_free_gpu_elsewhere(fraction: float, timeout_s: float = GPU_RELEASE_
     return float(proc.stdout.strip().splitlines()[-1])
 
 
-def wait_for_group_gpus(fraction: float, timeout_s: float = GPU_RELEASE_TIMEOUT_S) -> list[float]:
+def wait_for_group_gpus(fraction: float, timeout_s: float = GPU_RELEASE_TIMEOUT_S, margin_s: float = 60.0) -> list[float]:
     """For a multi-GPU engine: one short task per GPU bundle of the caller's placement
     group waits until that GPU is free enough (each in a worker process that exits after)."""
     import ray
@@ -243,7 +324,12 @@ def wait_for_group_gpus(fraction: float, timeout_s: float = GPU_RELEASE_TIMEOUT_
         for i, bundle in enumerate(group.bundle_specs)
         if bundle.get("GPU")
     ]
-    return ray.get(refs)
+    # A bundle whose GPU another process still holds as a Ray resource (a dead engine's
+    # worker not yet gone) never runs its waiter: bounded, and then taken as full.
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s + margin_s)
+    for ref in pending:
+        ray.cancel(ref, force=True)
+    return [ray.get(r) if r in ready else 0.0 for r in refs]
 
 
 def engine_bundle_nodes() -> list[str]:

@@ -117,6 +117,10 @@ class GeneratorActor:
                 ray.get(self.health.dying.remote(self.actor, reason), timeout=30)
             except Exception:  # noqa: BLE001 (the restart is counted all the same)
                 pass
+        try:
+            self.engine.kill()  # its engine-core process must not outlive us holding the GPU
+        except Exception as err:  # noqa: BLE001 (leaving matters more)
+            print(f"engine on node {self.node[:8]}: could not stop the engine's processes: {err}", flush=True)
         os._exit(1)
 
     def __del__(self):
