@@ -18,6 +18,7 @@ import os
 import shlex
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from s2d_ray.errors import S2DError
@@ -105,6 +106,23 @@ def _call(address: str, fn, *args):
         raise S2DError(_explain(err, address, read_token()[1])) from None
 
 
+AGENT_WAIT_S = 60.0
+
+
+def _until_an_agent_answers(submit_job, wait_s: float = AGENT_WAIT_S):
+    """A cluster that has just started may not have its job agent yet: Ray's head answers
+    "No available agent to submit job, please try again later" (an HTTP 500). Try again,
+    for up to `wait_s`; any other error at once."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return submit_job()
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
+
+
 def cluster_run_dir(out: str | None, cfg) -> str:
     """Where the run directory is on the cluster, explicitly: an absolute path on storage
     every node sees. A relative one would land in the job's temporary working directory
@@ -153,7 +171,7 @@ def submit(
         submit_job = lambda: jc.submit_job(  # noqa: E731
             entrypoint=shlex.join(args), runtime_env=runtime_env, metadata={"s2d_job": cfg.name}
         )
-        job_id = _call(_address(address), submit_job)
+        job_id = _call(_address(address), lambda: _until_an_agent_answers(submit_job))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return jc, job_id

@@ -6,7 +6,7 @@ import pytest
 
 from s2d_ray.config import ConfigError, load_config
 from s2d_ray.errors import S2DError
-from s2d_ray.submit import check_transport, cluster_run_dir
+from s2d_ray.submit import _until_an_agent_answers, check_transport, cluster_run_dir
 
 PAPER = Path(__file__).resolve().parents[2] / "jobs" / "paper" / "last-letter-rar2-70b.yaml"
 
@@ -46,3 +46,28 @@ def test_a_binary_job_file_is_one_line(tmp_path):
         load_config(job)
     with pytest.raises(ConfigError, match="is a folder"):
         load_config(tmp_path)
+
+
+def test_a_head_without_its_job_agent_yet_is_asked_again_and_other_errors_are_not(monkeypatch):
+    monkeypatch.setattr("s2d_ray.submit.time.sleep", lambda s: None)
+    answers = iter([RuntimeError("Request failed with status code 500: No available agent to submit job, please "
+                                 "try again later."), RuntimeError("... No available agent ..."), "raysubmit_1"])  # fmt: skip
+
+    def submit():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert _until_an_agent_answers(submit) == "raysubmit_1"
+    calls = []
+
+    def refused():
+        calls.append(1)
+        raise RuntimeError("Request failed with status code 400: bad runtime_env")
+
+    with pytest.raises(RuntimeError, match="bad runtime_env"):
+        _until_an_agent_answers(refused)
+    assert len(calls) == 1
+    with pytest.raises(RuntimeError, match="No available agent"):  # not for ever
+        _until_an_agent_answers(lambda: (_ for _ in ()).throw(RuntimeError("No available agent")), wait_s=0)
