@@ -55,7 +55,11 @@ def test_a_stalled_and_a_killed_engine_are_replaced_and_every_input_lands_once(t
     ids = pq.read_table(out / "generate", columns=["id"]).column("id").to_pylist()
     assert len(ids) == INPUTS and len(set(ids)) == INPUTS  # every input exactly once
     stage = json.loads((out / "run.json").read_text())["stages"]["generate"]
-    assert stage["engine_restarts"] == 2 and stage["failed"] == 0, stage
+    # Every death is counted: the injected stall, the kill, and any further stall that a
+    # loaded machine's slow step trips with a 5 s timeout (seen once on CI). Each stall
+    # prints its line; the kill is the one death without a line.
+    stalls = len(re.findall(r"engine on node \w+: engine stalled: no step finished for", log))
+    assert stage["engine_restarts"] == stalls + 1 and stage["failed"] == 0, (stalls, stage)
 
 
 def test_an_engine_that_keeps_dying_fails_the_stage_with_one_line(tmp_path, local_job):
