@@ -15,6 +15,7 @@ from pathlib import Path
 import time
 import uuid
 from collections import Counter
+from contextlib import nullcontext
 from functools import partial
 from importlib import metadata
 
@@ -105,15 +106,21 @@ def generate(cfg: JobConfig, run: RunDir, log=print, retry_failed: bool = False,
         log(f"generate: --retry-failed: {drop_failed(run.generate)} input(s) recorded as failed will be generated again")
     log(f"generate: {len(examples)} inputs x {cfg.filter.samples} samples of {program.name} ({len(program.steps)} steps)")
     started = time.perf_counter()
-    with ray_session(cfg, run.root):
+    base_eval = None
+    if with_base_eval:
+        test = eval_examples(cfg)
+        stage = engine_stage(cfg, model, base_eval_passes(cfg))
+        source = _eval_source(test, stage)
+        base_eval = None if _reusable(run, "base", source) else (test, stage, source)
+    # A rerun with nothing left to do (every input in generate/, the base evaluation
+    # reusable) starts neither Ray nor an engine: it only rewrites distill/.
+    left = base_eval is not None or not finished_ids(run.generate) >= {e.id for e in examples}
+    with ray_session(cfg, run.root) if left else nullcontext():
         also, base = [], None
-        if with_base_eval:
-            test = eval_examples(cfg)
-            stage = engine_stage(cfg, model, base_eval_passes(cfg))
-            source = _eval_source(test, stage)
-            if not _reusable(run, "base", source):
-                base = (_eval_folder(run, "base"), source)
-                also = [(test, stage, base[0])]
+        if base_eval is not None:
+            test, stage, source = base_eval
+            base = (_eval_folder(run, "base"), source)
+            also = [(test, stage, base[0])]
         did = run_passes(examples, engine_stage(cfg, model, passes, vote=True), run.generate, budget=_budget(cfg, run),
                          log=log, also=also, title="generate" + (" + base eval" if also else ""),
                          cost=_cost_so_far(cfg, run, "generate"))  # fmt: skip

@@ -32,10 +32,11 @@ def s2d(*args, check=True, timeout=1500, env=None, **kw) -> subprocess.Completed
     return proc
 
 
-def newest_log(run_dir: Path, command: str) -> str:
-    """What Ray, vLLM and DeepSpeed printed during the latest `s2d COMMAND` on `run_dir`."""
+def newest_log(run_dir: Path, command: str, before: int = 0) -> str:
+    """What Ray, vLLM and DeepSpeed printed during the latest `s2d COMMAND` on `run_dir`
+    (`before`: that many commands earlier)."""
     logs = sorted((run_dir / "logs").glob(f"{command}-*.log"), key=lambda p: p.stat().st_mtime)
-    return logs[-1].read_text(errors="replace") if logs else ""
+    return logs[-1 - before].read_text(errors="replace") if len(logs) > before else ""
 
 
 def overrides(*settings: str) -> list[str]:

@@ -9,7 +9,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import ROOT, S2D, overrides, s2d
+from tests.conftest import ROOT, S2D, newest_log, overrides, s2d
 
 pytestmark = pytest.mark.e2e
 
@@ -50,6 +50,8 @@ def test_interrupted_generation_resumes_without_redoing_work(tmp_path, local_job
 
     again = s2d(*args)  # a finished run is a no-op
     assert f"resuming: {INPUTS} inputs already" in again.stderr
+    assert "Ray's session logs" in newest_log(tmp_path, "generate", 1)  # the rerun that did work started Ray
+    assert "Ray's session logs" not in newest_log(tmp_path, "generate")  # nothing to do: neither Ray nor an engine
     assert pq.read_table(parts_dir).num_rows == INPUTS
 
     # A rerun refused for changed settings leaves the run directory as it was, byte for byte.
