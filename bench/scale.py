@@ -191,6 +191,10 @@ def measure(size: int, model: Path, args, work: Path, log: Path) -> dict:
             result["parts"], result["part_mib"] = len(parts), sum(p.stat().st_size for p in parts) / 2**20
         if rc != 0:
             fail(f"{side} side failed for {size} inputs (exit {rc})", log)
+    result["ratio"] = result["raw_s"] / result["s2d_s"]
+    result["overhead_us"] = (result["s2d_s"] - result["raw_s"]) / requests * 1e6
+    if args.throughput_only:
+        return result
     out = work / f"run-{size}"
     result["resume_s"], _, rc = timed(s2d(job, out), log)
     if rc != 0:
@@ -206,8 +210,6 @@ def measure(size: int, model: Path, args, work: Path, log: Path) -> dict:
     ids = pq.read_table(killed / "generate", columns=["id"]).column("id").to_pylist()
     assert len(ids) == size and len(set(ids)) == size, f"after the kill: {len(ids)} rows, {len(set(ids))} ids of {size}"
     result["rows_at_kill"] = at_kill
-    result["ratio"] = result["raw_s"] / result["s2d_s"]
-    result["overhead_us"] = (result["s2d_s"] - result["raw_s"]) / requests * 1e6
     shutil.rmtree(killed, ignore_errors=True)
     return result
 
@@ -218,6 +220,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--throughput-only", action="store_true", help="raw and s2d only: no rerun, no kill")
     parser.add_argument("--raw-side", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.raw_side:
@@ -237,15 +240,20 @@ def main() -> None:
             print(f"{size} inputs ({r['requests']} requests): raw {r['raw_s']:.1f} s = {r['requests'] / r['raw_s']:.0f} req/s; "
                   f"s2d {r['s2d_s']:.1f} s = {r['requests'] / r['s2d_s']:.0f} req/s; ratio s2d/raw {r['ratio']:.2f}; "
                   f"s2d's own {r['overhead_us']:.0f} us/request", flush=True)  # fmt: skip
+            if args.throughput_only:
+                print(f"  driver peak {r['driver_mib']:.0f} MiB, generator actor peak {r['actor_mib']:.0f} MiB; "
+                      f"{r['parts']} parts, {r['part_mib']:.1f} MiB\n", flush=True)  # fmt: skip
+                continue
             print(f"  driver peak {r['driver_mib']:.0f} MiB, generator actor peak {r['actor_mib']:.0f} MiB; "
                   f"{r['parts']} parts, {r['part_mib']:.1f} MiB; rerun with nothing to do {r['resume_s']:.1f} s; "
                   f"killed at {r['rows_at_kill']} of {size} inputs, finished in {r['finish_after_kill_s']:.1f} s "
                   "(every input once)\n", flush=True)  # fmt: skip
         first, last = results[0], results[-1]
         growth = last["overhead_us"] / first["overhead_us"] if first["overhead_us"] > 0 else float("nan")
+        scan = f"{last['resume_s']:.1f}" if "resume_s" in last else "not-measured"
         print(f"RESULT sizes={','.join(map(str, args.sizes))} ratio_largest={last['ratio']:.2f} "
               f"overhead_growth={growth:.2f} driver_peak_mib={max(r['driver_mib'] for r in results):.0f} "
-              f"resume_scan_s={last['resume_s']:.1f}")  # fmt: skip
+              f"resume_scan_s={scan}")  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
