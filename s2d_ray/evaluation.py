@@ -70,6 +70,20 @@ def distillability(results: dict[str, dict], metric: str = "accuracy", no_model_
     return {"verdict": verdict, "text": text + "."}
 
 
+def mcnemar(a: list[bool], b: list[bool]) -> dict:
+    """McNemar's exact test of two systems scored on the same inputs: only the inputs
+    where they disagree count. `p` is two-sided: the chance of a split at least this
+    uneven between "only a right" and "only b right" if neither system were better."""
+    if len(a) != len(b):
+        raise ValueError(f"paired scores of different lengths ({len(a)} and {len(b)})")
+    only_a = sum(x and not y for x, y in zip(a, b))
+    only_b = sum(y and not x for x, y in zip(a, b))
+    n = only_a + only_b
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2**n if n else 1.0
+    return {"n": len(a), "a": sum(a) / len(a) if a else 0.0, "b": sum(b) / len(b) if b else 0.0,
+            "only_a": only_a, "only_b": only_b, "p": min(1.0, 2 * tail)}  # fmt: skip
+
+
 def _first(table: pa.Table, column: str) -> dict:
     """id -> the first sample's value of a per-sample list column (None where absent)."""
     if column not in table.column_names:

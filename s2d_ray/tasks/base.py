@@ -6,6 +6,7 @@ import hashlib
 import math
 import random
 from collections.abc import Callable
+from typing import ClassVar
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -61,6 +62,26 @@ class Task(BaseModel):
     @property
     def template_fields(self) -> set[str]:
         return {"question", "format"}
+
+    # What separates a prompt's body from the answer-format instruction it ends with.
+    format_separator: ClassVar[str] = "\n"
+
+    def request(self, text: str) -> Example:
+        """A served request's input as this task's prompt, exactly as evaluation built it:
+        the prompt as it is (ending with the answer-format instruction), or its body alone,
+        to which the instruction is added as the task adds it. ValueError: not an input of
+        this task (the message says what one looks like)."""
+        text = text.strip()
+        if not text:
+            raise ValueError("the input is empty")
+        body = text.removesuffix(self.answer_format).rstrip() if text.endswith(self.answer_format) else text
+        if not body:
+            raise ValueError("the input holds only the answer-format instruction")
+        return Example("request", f"{body}{self.format_separator}{self.answer_format}", None, self.request_fields(body))
+
+    def request_fields(self, body: str) -> dict[str, str]:
+        """The extra template fields of a served input, from its prompt's body."""
+        return {}
 
     # Input perturbation (pairwise judging swaps A and B); None: the task has none.
     def perturb(self, values: dict[str, str]) -> dict[str, str] | None:

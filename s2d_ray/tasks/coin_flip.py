@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -26,6 +26,7 @@ class CoinFlip(SyntheticTask):
     people: int = Field(4, ge=1, le=12)  # people who each flip the coin or not, in turn
     flip_probability: float = Field(0.5, gt=0.0, lt=1.0)
     answer_format: str = 'Reply with "Answer: yes" or "Answer: no".'
+    format_separator: ClassVar[str] = " "
     method_prompts: dict[str, dict[str, str]] = {
         "rar2": {
             "rephrase": "{question}\n\nRephrase the question above so that it is easier to answer. "

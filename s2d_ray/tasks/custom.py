@@ -92,6 +92,14 @@ class UserTask(FileTask):
             gold = self._norm(get(record, self.answer_field, where, str))
         return Example(id, f"{prompt}\n{self.answer_format}", gold)
 
+    def request(self, text: str) -> Example:
+        """The full prompt (ending with the answer format), or the prompt field's value alone."""
+        if text.strip().endswith(self.answer_format):
+            return super().request(text)
+        if not text.strip():
+            raise ValueError("the input is empty")
+        return super().request(self.prompt_template.replace("{prompt}", text.strip()))
+
     def extract(self, text: str) -> str | None:
         matches = list(self._pattern().finditer(text))
         if not matches:

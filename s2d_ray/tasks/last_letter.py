@@ -21,6 +21,8 @@ def shipped_words() -> tuple[str, ...]:
     text = resources.files("s2d_ray.tasks").joinpath("words.txt").read_text()
     return tuple(w for w in text.split() if w)
 
+_QUOTED = re.compile(r'^Take the last letter of each word in "(.*)" and concatenate them\.', re.DOTALL)
+
 
 class LastLetter(SyntheticTask):
     name: Literal["last_letter"] = "last_letter"
@@ -73,3 +75,11 @@ class LastLetter(SyntheticTask):
     @property
     def template_fields(self) -> set[str]:
         return {"question", "format", "words"}
+
+    def request(self, text: str) -> Example:
+        """The task's prompt, or the words alone ("alpha beta")."""
+        words = _QUOTED.search(text)
+        words = (words.group(1) if words else text.removesuffix(self.answer_format)).split()
+        if not words:
+            raise ValueError('the input has no words: send the words ("alpha beta") or the task\'s prompt')
+        return Example("request", self.question(tuple(words), self.answer_format), None, {"words": " ".join(words)})

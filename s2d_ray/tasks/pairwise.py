@@ -22,6 +22,10 @@ _VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
 _LOOSE = re.compile(r"\[\s*([ABC])\s*\]|verdict\s*(?:is\s*:?|:)\s*\**\s*([ABC])\b", re.IGNORECASE)
 _WINNER = {"model_a": "A", "model_b": "B", "tie": "C", "tie (bothbad)": "C"}
 _SWAP = {"A": "B", "B": "A", "C": "C"}
+_JUDGED = re.compile(
+    r"\[Question\]\n(.*)\n\n\[Response A\]\n(.*)\n\[End of response A\]\n\n\[Response B\]\n(.*)\n\[End of response B\]",
+    re.DOTALL,
+)
 
 
 def judge_prompt(question: str, a: str, b: str, answer_format: str) -> str:
@@ -88,6 +92,23 @@ class Pairwise(FileTask):
     @property
     def template_fields(self) -> set[str]:
         return {"question", "format", "question_text", "response_a", "response_b"}
+
+    def request(self, text: str) -> Example:
+        """A JSON object {"question", "response_a", "response_b"}, or the judge prompt itself."""
+        import json
+
+        try:
+            values = json.loads(text)
+        except ValueError:
+            found = _JUDGED.search(text)
+            values = dict(zip(("question", "response_a", "response_b"), found.groups())) if found else None
+        keys = ("question", "response_a", "response_b")
+        if not isinstance(values, dict) or not all(isinstance(values.get(k), str) and values[k].strip() for k in keys):
+            raise ValueError('a pairwise input is a JSON object {"question": ..., "response_a": ..., "response_b": ...} '
+                             "(or the judge prompt itself)")  # fmt: skip
+        q, a, b = (values[k] for k in keys)
+        fields = {"question_text": q, "response_a": a, "response_b": b}
+        return Example("request", judge_prompt(q, a, b, self.answer_format), None, fields)
 
     def perturb(self, values: dict[str, str]) -> dict[str, str]:
         a, b = values["response_b"], values["response_a"]

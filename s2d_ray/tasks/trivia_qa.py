@@ -104,3 +104,6 @@ class TriviaQA(FileTask):
     @property
     def template_fields(self) -> set[str]:
         return {"question", "format", "question_text"}
+
+    def request_fields(self, body: str) -> dict[str, str]:
+        return {"question_text": body}
