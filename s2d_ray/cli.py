@@ -133,6 +133,48 @@ def eval_(job, out, overrides, restart, verbose):
 
 
 @cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False), metavar="RUN_DIR [RUN_DIR ...]")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--address", default=None, metavar="ADDR", help="Join this Ray cluster instead of starting a local Ray.")
+@click.option("--route", "route_flags", multiple=True, metavar="NAME=MODE",
+              help="Answer route NAME in this mode (distilled, system2 or system1) whatever its evaluation says.")
+@click.option("--samples", type=click.IntRange(1, 64), default=None,
+              help="System 2 samples per request (fewer than the job's filter.samples: lower latency).")
+@click.option("--api-key-file", type=click.Path(dir_okay=False), default=None,
+              help="Require this key (the file's first line) as Authorization: Bearer <key>; else $S2D_API_KEY.")
+@click.option("--min-replicas", type=int, default=None, help="Engine replicas per model at least (serve.min_replicas).")
+@click.option("--max-replicas", type=int, default=None, help="Engine replicas per model at most (serve.max_replicas).")
+@click.option("--drain-s", type=float, default=None, help="Seconds a stop gives the requests in flight (serve.drain_s).")
+@VERBOSE
+def serve(run_dirs, host, port, address, route_flags, samples, api_key_file, min_replicas, max_replicas, drain_s, verbose):
+    """Serve finished runs behind an OpenAI-compatible endpoint on Ray Serve: each run is a
+    route named by its job, answering as its evaluation proved (distilled, System 2 or System 1)."""
+    import os
+    from pathlib import Path
+
+    from s2d_ray.console import terminal
+    from s2d_ray.serving.routes import load_routes, parse_route_flags
+
+    routes = load_routes(list(run_dirs), parse_route_flags(route_flags))
+    flags = {"min_replicas": min_replicas, "max_replicas": max_replicas, "drain_s": drain_s}
+    for route in routes:  # the flags over each job's serve: section
+        route.cfg = route.cfg.with_serve({k: v for k, v in flags.items() if v is not None})
+    key = os.environ.get("S2D_API_KEY") or None
+    if api_key_file:
+        try:
+            key = (Path(api_key_file).read_text(encoding="utf-8").splitlines() or [""])[0].strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise S2DError(f"--api-key-file {api_key_file}: cannot read it ({type(err).__name__})") from None
+        if not key:
+            raise S2DError(f"--api-key-file {api_key_file}: the file is empty")
+    from s2d_ray.serving.server import serve_forever
+
+    with terminal(Path(routes[0].run) / "logs", "serve", verbose) as log:
+        serve_forever(routes, host, port, address, key, samples, log)
+
+
+@cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 def report(run_dir):
     """(Re)write report.html of a run directory."""

@@ -301,6 +301,31 @@ class TrackingConfig(Strict):
 
 
 
+class ServeConfig(Strict):
+    """`s2d serve`: each model's engine replicas, and the limits every request meets."""
+
+    # Engine replicas per model (base, distilled): Ray Serve scales between the two on
+    # the requests each replica has ongoing.
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: int = Field(32, ge=1)
+    # A replica's requests at once; past it they wait in Serve's queue.
+    max_ongoing_requests: int = Field(256, ge=1)
+    # Requests the server holds at once; past it: 503 with Retry-After (bounded memory).
+    max_in_flight: int = Field(512, ge=1)
+    # The largest `max_tokens` a request may ask; None: the engine's context.
+    max_tokens: int | None = Field(None, ge=1)
+    max_body_kib: int = Field(1024, ge=1)
+    # Seconds a stopping server gives the requests in flight to finish.
+    drain_s: float = Field(120.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"serve.min_replicas {self.min_replicas} > serve.max_replicas {self.max_replicas}")
+        return self
+
+
 class RayConfig(Strict):
     # None: start a local Ray; "auto": join the cluster this runs on; or ray://... / host:port.
     address: str | None = None
@@ -323,6 +348,7 @@ class JobConfig(Strict):
     cluster: ClusterConfig = ClusterConfig()
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
     def _cross(self):
@@ -350,6 +376,16 @@ class JobConfig(Strict):
 
             check_fits(self)  # tensor parallel vs node size, memory of engines and trainers
         return self
+
+    def with_serve(self, settings: dict) -> "JobConfig":
+        """This job with its serve: section overridden (`s2d serve`'s flags), validated."""
+        if not settings:
+            return self
+        try:
+            serve = ServeConfig.model_validate({**self.serve.model_dump(), **settings})
+        except ValidationError as err:
+            raise ConfigError(f"serve: {err.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        return self.model_copy(update={"serve": serve})
 
     def program(self, name: str) -> Program:
         """A method's program with the task's prompt overrides, then the job's."""

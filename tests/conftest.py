@@ -49,3 +49,18 @@ def overrides(*settings: str) -> list[str]:
 @pytest.fixture(scope="session")
 def local_job() -> Path:
     return ROOT / "jobs" / "local" / "last-letter-rar2.yaml"
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory, local_job):
+    """One `s2d run` through every stage, shared by the tests that read a finished run
+    directory (the contract, serving); none of them changes what the run wrote."""
+    out = tmp_path_factory.mktemp("run")
+    # Near-greedy samples: the 135M model rarely agrees with itself at higher temperatures,
+    # and the tests need a non-empty distillation set (voting itself is unit-tested).
+    proc = s2d(
+        "run", str(local_job), "--out", str(out),
+        *overrides("task.train=12", "task.test=6", "filter.samples=3", "sampling.temperature=0.05",
+                   "tracking.mlflow=true", f"tracking.uri={out}-mlruns"),
+    )  # fmt: skip
+    return out, proc

@@ -5,22 +5,14 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import newest_log, overrides, s2d
+from tests.conftest import newest_log
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, local_job):
-    out = tmp_path_factory.mktemp("run")
-    # Near-greedy samples: the 135M model rarely agrees with itself at higher temperatures,
-    # and the test needs a non-empty distillation set (voting itself is unit-tested).
-    proc = s2d(
-        "run", str(local_job), "--out", str(out),
-        *overrides("task.train=12", "task.test=6", "filter.samples=3", "sampling.temperature=0.05",
-                   "tracking.mlflow=true", f"tracking.uri={out}-mlruns"),
-    )  # fmt: skip
-    return out, proc
+def run_dir(pipeline_run):
+    return pipeline_run
 
 
 def test_run_directory_contract(run_dir):

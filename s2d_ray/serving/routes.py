@@ -1,0 +1,151 @@
+"""Routes: one per run directory, named by its job, answering in the mode its own
+evaluation proved (distilled, System 2 or System 1)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from s2d_ray.config import JobConfig, parse_config
+from s2d_ray.errors import S2DError
+from s2d_ray.evaluation import mcnemar
+from s2d_ray.rundir import RunDir
+
+MODES = ("distilled", "system2", "system1")
+ALPHA = 0.05  # the significance of every paired test a route's choice rests on
+
+
+@dataclass
+class Route:
+    name: str
+    run: str  # the run directory
+    cfg: JobConfig
+    mode: str
+    why: str  # the choice, in one sentence, with the figures it rests on
+    models: dict[str, str]  # "base" and, where trained, "distilled": model folders
+    figures: dict = field(default_factory=dict)  # the paired tests behind the choice
+    chosen_by: str = "evaluation"  # or "--route", or "no evaluation"
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The modes this route can answer in (distilled only with a trained model)."""
+        return tuple(m for m in MODES if m != "distilled" or "distilled" in self.models)
+
+    def model_of(self, mode: str) -> str:
+        return "distilled" if mode == "distilled" else "base"
+
+    def describe(self) -> dict:
+        """The route's entry in /v1/models and the start-up line's figures."""
+        return {"mode": self.mode, "chosen_by": self.chosen_by, "why": self.why, "modes": list(self.modes),
+                "run_dir": self.run, "task": self.cfg.task.name, "method": self.cfg.method.name,
+                "tests": self.figures}  # fmt: skip
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def choose_mode(correct: dict[str, list[bool]]) -> tuple[str, str, dict]:
+    """The cheapest mode the evaluation did not show to be worse, from per-input scores on
+    the same inputs (`system1`, and `system2`/`distilled` where evaluated): distilled when
+    McNemar's test finds it worse than neither System 2 nor System 1; else System 2 when
+    it beat System 1 significantly; else System 1."""
+    tests: dict[str, dict] = {}
+    for a, b in (("distilled", "system2"), ("distilled", "system1"), ("system2", "system1")):
+        if a in correct and b in correct:
+            tests[f"{a}_vs_{b}"] = mcnemar(correct[a], correct[b])
+    worse = lambda t: t["a"] < t["b"] and t["p"] < ALPHA  # noqa: E731
+    better = lambda t: t["a"] > t["b"] and t["p"] < ALPHA  # noqa: E731
+    figures = {"test": "McNemar's exact test, two-sided", "alpha": ALPHA, **tests}
+
+    def said(key: str) -> str:
+        t = tests[key]
+        a, b = key.split("_vs_")
+        return f"{a} {_pct(t['a'])} vs {b} {_pct(t['b'])} (p={t['p']:.3g}, n={t['n']})"
+
+    d_tests = [k for k in ("distilled_vs_system2", "distilled_vs_system1") if k in tests]
+    if d_tests and not any(worse(tests[k]) for k in d_tests):
+        return "distilled", "the distilled model was not worse: " + "; ".join(said(k) for k in d_tests), figures
+    s2 = tests.get("system2_vs_system1")
+    lost = [said(k) for k in d_tests if worse(tests[k])]
+    if s2 is not None and better(s2):
+        why = "System 2 beat System 1: " + said("system2_vs_system1")
+        return "system2", why + ("; the distilled model did not keep up: " + "; ".join(lost) if lost else ""), figures
+    why = "System 2 did not beat System 1" + (f": {said('system2_vs_system1')}" if s2 else " (not evaluated)")
+    return "system1", why + ("; the distilled model was worse: " + "; ".join(lost) if lost else ""), figures
+
+
+def _scores(run: RunDir, cfg: JobConfig) -> dict[str, list[bool]] | None:
+    """Per-input correctness of each evaluated system on the run's test inputs, aligned."""
+    from s2d_ray.generation import load_results
+
+    base = load_results(run.eval_dir / "base") if (run.eval_dir / "base").exists() else None
+    if base is None:
+        return None
+    distilled = load_results(run.eval_dir / "distilled") if (run.eval_dir / "distilled").exists() else None
+    golds = dict(zip(base.column("id").to_pylist(), base.column("answer").to_pylist()))
+    out = {}
+    for name, table in (("system1", base), ("system2", base), ("distilled", distilled)):
+        if table is None or f"{name}_answers" not in table.column_names:
+            continue
+        first = {i: (a[0] if a else None) for i, a in zip(table.column("id").to_pylist(), table.column(f"{name}_answers").to_pylist())}
+        if set(first) != set(golds):
+            continue  # not evaluated on the same inputs: no paired test with it
+        out[name] = [bool(cfg.task.score(first[i], g)) if g is not None else False for i, g in golds.items()]
+    return out
+
+
+def load_route(run_dir: str | Path, override: str | None = None) -> Route:
+    """The route of one finished run directory; `override`: a mode chosen by hand."""
+    from s2d_ray.models import resolve_model
+
+    run = RunDir(run_dir)
+    if not run.run_json.exists():
+        raise S2DError(f"{run_dir}: not a run directory (no run.json); give the folder `s2d run` wrote")
+    try:
+        info = json.loads(run.run_json.read_text())
+        cfg = parse_config(info["config"], f"{run_dir}/run.json")
+    except (ValueError, KeyError) as err:
+        raise S2DError(f"{run_dir}/run.json: unreadable job settings ({type(err).__name__}: {err})") from None
+    models = {"base": str(resolve_model(cfg.model.name, cfg.model.path))}
+    if run.model_ready():
+        models["distilled"] = str(run.model)
+    scores = _scores(run, cfg)
+    if scores:
+        mode, why, figures = choose_mode(scores)
+        chosen_by = "evaluation"
+    else:
+        mode, figures, chosen_by = "system1", {}, "no evaluation"
+        why = "this run has no evaluation (run `s2d eval`); System 1 until one says otherwise"
+    route = Route(cfg.name, str(run.root), cfg, mode, why, models, figures, chosen_by)
+    if "distilled" not in models and mode == "distilled":
+        route.mode = "system1"
+    if override is not None:
+        if override not in route.modes:
+            raise S2DError(f"--route {cfg.name}={override}: this run has no distilled model (no model/); "
+                           f"choose {' or '.join(route.modes)}")  # fmt: skip
+        route.mode, route.chosen_by = override, "--route"
+    return route
+
+
+def load_routes(run_dirs: list[str], overrides: dict[str, str]) -> list[Route]:
+    routes = [load_route(d) for d in run_dirs]
+    names = [r.name for r in routes]
+    for name in names:
+        if names.count(name) > 1:
+            raise S2DError(f"two run directories are jobs named {name!r}: a route is named by its job; give one of them")
+    unknown = set(overrides) - set(names)
+    if unknown:
+        raise S2DError(f"--route {sorted(unknown)[0]}: no route of that name (routes: {', '.join(names)})")
+    return [load_route(r.run, overrides[r.name]) if r.name in overrides else r for r in routes]
+
+
+def parse_route_flags(flags: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for flag in flags:
+        name, sep, mode = flag.partition("=")
+        if not sep or not name or mode not in MODES:
+            raise S2DError(f"--route {flag!r}: expected NAME=distilled|system2|system1")
+        out[name] = mode
+    return out

@@ -1,0 +1,106 @@
+"""Route choice, the paired test behind it, and served inputs as the task's own prompts."""
+
+from pathlib import Path
+
+import pytest
+
+from s2d_ray.config import load_config
+from s2d_ray.errors import ConfigError, S2DError
+from s2d_ray.evaluation import mcnemar
+from s2d_ray.serving.routes import choose_mode, load_route, parse_route_flags
+
+ROOT = Path(__file__).resolve().parents[2]
+JOBS = sorted((ROOT / "jobs" / "local").glob("*.yaml"))
+
+
+def test_mcnemar_counts_only_the_inputs_where_the_systems_disagree():
+    same = [True, False] * 20
+    assert mcnemar(same, same)["p"] == 1.0
+    six_to_none = mcnemar([True] * 6 + [False] * 4, [False] * 6 + [False] * 4)
+    assert six_to_none["only_a"] == 6 and six_to_none["only_b"] == 0
+    assert six_to_none["p"] == pytest.approx(2 / 64)  # two-sided exact binomial tail
+    assert mcnemar([True] * 8 + [False] * 2, [False] * 8 + [True] * 2)["p"] == pytest.approx(2 * 56 / 1024)
+    with pytest.raises(ValueError):
+        mcnemar([True], [True, False])
+
+
+def test_the_distilled_mode_when_it_is_not_shown_worse():
+    s1 = [False] * 30 + [True] * 10
+    s2 = [True] * 30 + [True] * 10
+    mode, why, figures = choose_mode({"system1": s1, "system2": s2, "distilled": s2[:-1] + [False]})
+    assert mode == "distilled" and "not worse" in why and figures["test"].startswith("McNemar")
+    assert figures["distilled_vs_system2"]["only_b"] == 1
+
+
+def test_system2_when_it_beat_system1_and_the_distilled_model_did_not_keep_up():
+    s1 = [False] * 30 + [True] * 10
+    s2 = [True] * 40
+    mode, why, _ = choose_mode({"system1": s1, "system2": s2, "distilled": s1})
+    assert mode == "system2" and "did not keep up" in why and "p=" in why
+
+
+def test_system1_when_system2_did_not_help_significantly():
+    s1 = [True] * 20 + [False] * 20
+    s2 = [True] * 22 + [False] * 18  # 2 more right: noise at n=40
+    assert choose_mode({"system1": s1, "system2": s2})[0] == "system1"
+    worse = [False] * 40
+    mode, why, _ = choose_mode({"system1": s1, "system2": s2, "distilled": worse})
+    assert mode == "system1" and "distilled model was worse" in why
+
+
+@pytest.mark.parametrize("job", JOBS, ids=lambda p: p.stem)
+def test_a_served_input_is_the_prompt_evaluation_used(job):
+    cfg = load_config(job)
+    task = cfg.task
+    for example in task.examples(cfg.eval.split)[:5]:
+        served = task.request(example.question)  # the prompt as evaluation wrote it
+        assert served.question == example.question
+        if task.name != "triviaqa":  # its question_text (the question without the opinion) is the data's, not the prompt's
+            assert {k: served.fields.get(k) for k in example.fields} == example.fields
+        assert set(example.fields) <= set(served.fields)
+        if task.name != "pairwise":  # its body alone gets the task's answer-format instruction
+            body = example.question.removesuffix(task.answer_format).rstrip()
+            assert task.request(body).question == example.question
+    with pytest.raises(ValueError):
+        task.request("   ")
+
+
+def test_last_letter_takes_the_words_alone_and_pairwise_a_json_object():
+    cfg = load_config(ROOT / "jobs" / "local" / "last-letter-rar2.yaml")
+    served = cfg.task.request("alpha beta")
+    assert served.question.startswith('Take the last letter of each word in "alpha beta"') and served.fields == {"words": "alpha beta"}
+    pairwise = load_config(ROOT / "jobs" / "local" / "oasst2-bsm-swap.yaml").task
+    served = pairwise.request('{"question": "q?", "response_a": "one", "response_b": "two"}')
+    assert "[Response A]\none" in served.question and served.fields["response_b"] == "two"
+    with pytest.raises(ValueError, match="JSON object"):
+        pairwise.request("which is better?")
+
+
+def test_route_flags_and_run_directories_are_checked_before_anything_starts(tmp_path):
+    assert parse_route_flags(("a=system2", "b=distilled")) == {"a": "system2", "b": "distilled"}
+    for bad in ("a", "a=fast", "=system1"):
+        with pytest.raises(S2DError, match="expected NAME=distilled"):
+            parse_route_flags((bad,))
+    with pytest.raises(S2DError, match="not a run directory"):
+        load_route(tmp_path)
+
+
+def test_serve_settings_are_validated(tmp_path):
+    job = ROOT / "jobs" / "local" / "last-letter-rar2.yaml"
+    assert load_config(job).serve.max_replicas == 1
+    with pytest.raises(ConfigError, match="serve.min_replicas 3 > serve.max_replicas 2"):
+        load_config(job, ["serve.min_replicas=3", "serve.max_replicas=2"])
+    with pytest.raises(ConfigError, match="serve.port: unknown key"):
+        load_config(job, ["serve.port=80"])
+
+
+def test_s2d_serve_refuses_a_folder_that_is_not_a_run_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "model").mkdir()  # a user's own folder: read, never written
+    for args in ([str(tmp_path)], [str(tmp_path), "--route", "x=fast"]):
+        proc = subprocess.run([sys.executable, "-m", "s2d_ray.cli", "serve", *args], capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.stderr.startswith("s2d: error: ") and "Traceback" not in proc.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
