@@ -46,11 +46,20 @@ def test_launcher_config_is_locked_down_and_pinned():
     assert all(p["FromPort"] != 8265 for p in c["provider"]["security_group"]["IpPermissions"])
 
 
-@pytest.mark.parametrize("name, kind", [("raycluster-70b.yaml", "RayCluster"), ("rayjob-last-letter-70b.yaml", "RayJob")])
+MANIFESTS = [("raycluster-70b.yaml", "RayCluster"), ("rayjob-last-letter-70b.yaml", "RayJob"),
+             ("rayservice-70b.yaml", "RayService")]  # fmt: skip
+
+
+def _cluster_spec(m: dict) -> dict:
+    return {"RayCluster": lambda: m["spec"], "RayJob": lambda: m["spec"]["rayClusterSpec"],
+            "RayService": lambda: m["spec"]["rayClusterConfig"]}[m["kind"]]()  # fmt: skip
+
+
+@pytest.mark.parametrize("name, kind", MANIFESTS)
 def test_kuberay_manifests(name, kind):
     m = yaml.safe_load((CLUSTERS / "kuberay" / name).read_text())
     assert m["apiVersion"] == "ray.io/v1" and m["kind"] == kind
-    spec = m["spec"] if kind == "RayCluster" else m["spec"]["rayClusterSpec"]
+    spec = _cluster_spec(m)
     assert spec["rayVersion"] == "2.60.0" and spec["enableInTreeAutoscaling"] is True
     head = spec["headGroupSpec"]
     assert head["serviceType"] == "ClusterIP"  # the dashboard is not exposed outside the cluster
@@ -69,6 +78,23 @@ def test_kuberay_manifests(name, kind):
         entry = m["spec"]["entrypoint"].split()
         assert entry[:4] == ["python", "-m", "s2d_ray.cli", "run"]
         assert (ROOT / entry[4]).is_file()  # a job file the image carries (clusters/Dockerfile copies the repo)
+
+
+def test_the_rayservice_serves_s2ds_application_with_a_key_from_a_secret():
+    import importlib
+
+    m = yaml.safe_load((CLUSTERS / "kuberay" / "rayservice-70b.yaml").read_text())
+    config = yaml.safe_load(m["spec"]["serveConfigV2"])
+    (app,) = config["applications"]
+    module, _, attr = app["import_path"].partition(":")
+    assert callable(getattr(importlib.import_module(module), attr))  # the builder `s2d serve` itself uses
+    assert all(d.startswith("/opt/s2d-ray/runs/") for d in app["args"]["run_dirs"])  # on the runs volume
+    head = m["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["serviceType"] == "ClusterIP"
+    (container,) = head["template"]["spec"]["containers"]
+    assert {"containerPort": 8000, "name": "serve"} in container["ports"]
+    key = {e["name"]: e for e in container["env"]}["S2D_API_KEY"]
+    assert "secretKeyRef" in key["valueFrom"]  # never inline
 
 
 def test_the_cluster_jobs_match_the_declared_cluster():
@@ -92,12 +118,12 @@ def test_every_aws_node_mounts_the_shared_file_system_into_its_container():
         assert "/fsx/" in text or "submit" not in text, job.name  # the jobs' own recipes use the shared mount
 
 
-@pytest.mark.parametrize("name", ["raycluster-70b.yaml", "rayjob-last-letter-70b.yaml"])
+@pytest.mark.parametrize("name", [name for name, _ in MANIFESTS])
 def test_kuberay_pods_mount_readwritemany_volumes_and_request_ephemeral_storage(name):
     claims = {d["metadata"]["name"]: d for d in yaml.safe_load_all((CLUSTERS / "kuberay" / "storage.yaml").read_text())}
     assert all(d["kind"] == "PersistentVolumeClaim" and d["spec"]["accessModes"] == ["ReadWriteMany"] for d in claims.values())
     m = yaml.safe_load((CLUSTERS / "kuberay" / name).read_text())
-    spec = m["spec"] if m["kind"] == "RayCluster" else m["spec"]["rayClusterSpec"]
+    spec = _cluster_spec(m)
     groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
     for group in groups:
         pod = group["template"]["spec"]
