@@ -88,7 +88,6 @@ class ModelServer:
     def _answer(self, route: str, mode: str, text: str, options: dict) -> dict:
         import pandas as pd
 
-        from s2d_ray.chat import prompt_ids
         from s2d_ray.generation.batch import run_batch
         from s2d_ray.generation.vote import vote_row
 
@@ -99,29 +98,49 @@ class ModelServer:
         except ValueError as err:
             return {"error": f"not an input of task {task.name}: {err}", "status": 400, "code": "invalid_input"}
         passes = route_passes(cfg, mode, options)
+        if mode != "system2":
+            return self._direct(cfg, mode, example, passes[0])
         batch = pd.DataFrame([{"id": uuid.uuid4().hex, "input": example.question, "fields": json.dumps(example.fields)}])
         row = run_batch(self.flow, task, passes, batch, self.engine.max_model_len, wait=self._wait).to_dict("records")[0]
         label = passes[0].label
         failure = next((row[f"{p.label}_failure"] for p in passes if isinstance(row.get(f"{p.label}_failure"), str)), None)
         if failure is not None:
-            return {"error": f"the input cannot be answered on this route: {failure}", "status": 400,
-                    "code": "context_length_exceeded" if "does not fit" in failure else "invalid_input"}  # fmt: skip
-        with self.counting_lock:
-            prompt = len(prompt_ids(self.counting, example.question, cfg.model.chat_template))
+            return _unanswerable(failure)
+        prompt = self._prompt_tokens(cfg, example.question)
         tokens = sum(int(row[f"{p.label}_tokens"]) for p in passes)
         outputs, answers = list(row[f"{label}_outputs"]), list(row[f"{label}_answers"])
         out = {"prompt_tokens": prompt, "completion_tokens": tokens, "mode": mode, "samples": len(outputs)}
-        if mode == "system2":
-            vote = vote_row(row, label, cfg.filter)
-            chosen = int(row[f"{label}_selected"]) if cfg.filter.name == "usc" else next(
-                (i for i, a in enumerate(answers) if a is not None and a == vote.answer), 0)  # fmt: skip
-            out["vote"] = {"answer": vote.answer, "count": vote.count, "total": vote.total, "kept": bool(vote.kept),
-                           "reason": vote.reason, "filter": cfg.filter.name}  # fmt: skip
-            out.update(text=outputs[chosen], answer=answers[chosen], finish_reason="stop")
-        else:
-            out.update(text=outputs[0], answer=answers[0],
-                       finish_reason="length" if tokens >= passes[0].max_tokens else "stop")  # fmt: skip
+        vote = vote_row(row, label, cfg.filter)
+        chosen = int(row[f"{label}_selected"]) if cfg.filter.name == "usc" else next(
+            (i for i, a in enumerate(answers) if a is not None and a == vote.answer), 0)  # fmt: skip
+        out["vote"] = {"answer": vote.answer, "count": vote.count, "total": vote.total, "kept": bool(vote.kept),
+                       "reason": vote.reason, "filter": cfg.filter.name}  # fmt: skip
+        out.update(text=outputs[chosen], answer=answers[chosen], finish_reason="stop")
         return out
+
+    def _direct(self, cfg: JobConfig, mode: str, example, p) -> dict:
+        """One System 1 prompt, straight on the dataflow (no table around one row): the
+        values, sampling and answer extraction `run_batch` gives evaluation."""
+        from s2d_ray.generation.batch import pass_run
+        from s2d_ray.methods.dataflow import BatchRun
+
+        task = cfg.task
+        values = {"format": task.answer_format, **example.fields, "question": example.question}
+        work = BatchRun(self.flow, [(pass_run(p, task, self.engine.max_model_len), [values], [uuid.uuid4().hex])])
+        self._wait(work)
+        (samples,), _, _ = work.outputs(0)
+        sample = samples[0]
+        if sample.error:
+            return _unanswerable(sample.error)
+        tokens = sum(sample.tokens.values())
+        return {"prompt_tokens": self._prompt_tokens(cfg, example.question), "completion_tokens": tokens, "mode": mode, "samples": 1, "text": sample.final,
+                "answer": task.extract(sample.final), "finish_reason": "length" if tokens >= p.max_tokens else "stop"}  # fmt: skip
+
+    def _prompt_tokens(self, cfg: JobConfig, question: str) -> int:
+        from s2d_ray.chat import prompt_ids
+
+        with self.counting_lock:
+            return len(prompt_ids(self.counting, question, cfg.model.chat_template))
 
     def _wait(self, work) -> None:
         with self.lock:
@@ -155,6 +174,11 @@ class ModelServer:
             except Exception:  # noqa: BLE001 (the replica is replaced all the same)
                 pass
             raise RuntimeError(f"engine failed: {self.broken}")
+
+
+def _unanswerable(reason: str) -> dict:
+    code = "context_length_exceeded" if "does not fit" in reason else "invalid_input"
+    return {"error": f"the input cannot be answered on this route: {reason}", "status": 400, "code": code}
 
 
 def route_passes(cfg: JobConfig, mode: str, options: dict) -> list:
