@@ -1,6 +1,10 @@
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -64,3 +68,45 @@ def pipeline_run(tmp_path_factory, local_job):
                    "tracking.mlflow=true", f"tracking.uri={out}-mlruns"),
     )  # fmt: skip
     return out, proc
+
+
+class Command:
+    """An `s2d` command in the background, its output collected as it comes."""
+
+    def __init__(self, command: str, args: list[str], env: dict | None = None):
+        self.proc = subprocess.Popen(
+            [*S2D, command, *args], cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )  # fmt: skip
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
+
+    @property
+    def log(self) -> str:
+        return "".join(list(self.lines))
+
+    def wait_until(self, condition, what: str, timeout: float = 900):
+        deadline = time.time() + timeout
+        while not (found := condition()):
+            assert self.proc.poll() is None, f"exited ({self.proc.returncode}) before {what}\n{self.log[-3000:]}"
+            assert time.time() < deadline, f"timed out waiting for {what}\n{self.log[-3000:]}"
+            time.sleep(0.2)
+        return found
+
+    def wait_for(self, pattern: str) -> re.Match:
+        return self.wait_until(lambda: re.search(pattern, self.log), repr(pattern))
+
+    def kill(self) -> None:
+        """SIGKILL the driver. Ray's reaper takes its cluster down, but two agents of the dead
+        raylet linger (~200 MB): those orphans are removed too."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=60)
+        time.sleep(5)
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                ppid = int(stat.read_text().rsplit(") ", 1)[1].split()[1])
+                cmd = (stat.parent / "cmdline").read_bytes()
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == 1 and cmd.startswith((b"ray::DashboardAgent", b"ray::RuntimeEnvAgent")):
+                os.kill(int(stat.parent.name), signal.SIGKILL)

@@ -56,6 +56,11 @@ class Flow:
         self._queue: list[tuple[str, dict, Callable, BatchRun]] = []
         self._waiting: dict[str, tuple[Callable, BatchRun]] = {}
         self._wake = threading.Condition()
+        # Turned by a thread (`start`): the batches callers wait for, and the error that
+        # ended the thread (every open and later batch fails with it).
+        self.broken: BaseException | None = None
+        self._held: set[BatchRun] = set()
+        self._held_lock = threading.Lock()
 
     def ask(self, text: str, then: Callable, batch: BatchRun, **sampling) -> None:
         with self._wake:
@@ -120,8 +125,31 @@ class Flow:
             self.turn()
         return batch.result()
 
+    def wait(self, batch: BatchRun) -> None:
+        """Hand `batch` to the turning thread and wait until it is done (its error raised)."""
+        with self._held_lock:
+            if self.broken is not None:
+                raise self.broken
+            self._held.add(batch)
+        try:
+            self.add(batch)
+            batch.done.wait()
+        finally:
+            with self._held_lock:
+                self._held.discard(batch)
+        batch.result()
+
+    def fail(self, err: BaseException) -> None:
+        """The engine is unusable: every batch waited for, and every later one, fails with `err`."""
+        with self._held_lock:
+            self.broken = err
+            failing = list(self._held)
+        for batch in failing:
+            batch.fail(err)
+
     def start(self, on_error: Callable[[BaseException], None]) -> None:
-        """Turn in a thread of its own; an error there (a dead engine) goes to `on_error`."""
+        """Turn in a thread of its own. An error there (a dead engine) goes to `on_error`
+        (which may end the process), then fails every waiting and later batch (`fail`)."""
 
         def loop() -> None:
             try:
@@ -132,6 +160,7 @@ class Flow:
                     self.turn()
             except BaseException as err:  # noqa: BLE001 (handed over: the engine is unusable)
                 on_error(err)
+                self.fail(err)
 
         threading.Thread(target=loop, daemon=True, name="s2d-engine-flow").start()
 

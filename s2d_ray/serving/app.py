@@ -75,9 +75,6 @@ class ModelServer:
         self.counting = AutoTokenizer.from_pretrained(model_path)
         self.counting_lock = threading.Lock()
         self.flow = Flow(self.engine)
-        self.broken: BaseException | None = None
-        self.active: set = set()
-        self.lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="s2d-serve")
         self.flow.start(on_error=self._failed)
 
@@ -101,7 +98,7 @@ class ModelServer:
         if mode != "system2":
             return self._direct(cfg, mode, example, passes[0])
         batch = pd.DataFrame([{"id": uuid.uuid4().hex, "input": example.question, "fields": json.dumps(example.fields)}])
-        row = run_batch(self.flow, task, passes, batch, self.engine.max_model_len, wait=self._wait).to_dict("records")[0]
+        row = run_batch(self.flow, task, passes, batch, self.engine.max_model_len, wait=self.flow.wait).to_dict("records")[0]
         label = passes[0].label
         failure = next((row[f"{p.label}_failure"] for p in passes if isinstance(row.get(f"{p.label}_failure"), str)), None)
         if failure is not None:
@@ -127,7 +124,7 @@ class ModelServer:
         task = cfg.task
         values = {"format": task.answer_format, **example.fields, "question": example.question}
         work = BatchRun(self.flow, [(pass_run(p, task, self.engine.max_model_len), [values], [uuid.uuid4().hex])])
-        self._wait(work)
+        self.flow.wait(work)
         (samples,), _, _ = work.outputs(0)
         sample = samples[0]
         if sample.error:
@@ -142,38 +139,23 @@ class ModelServer:
         with self.counting_lock:
             return len(prompt_ids(self.counting, question, cfg.model.chat_template))
 
-    def _wait(self, work) -> None:
-        with self.lock:
-            if self.broken is not None:
-                raise RuntimeError(f"the engine failed: {self.broken}")
-            self.active.add(work)
-        try:
-            self.flow.add(work)
-            work.done.wait()
-        finally:
-            self.active.discard(work)
-        work.result()
-
     def _failed(self, err: BaseException) -> None:
-        with self.lock:
-            self.broken = err
-            failing = list(self.active)
         print(f"serve: engine for {self.model_path} failed ({type(err).__name__}: {err}); its requests get 503 and "
               "Serve replaces this replica", flush=True)  # fmt: skip
-        for work in failing:
-            work.fail(RuntimeError(f"the engine failed: {err}"))
 
     def check_health(self) -> None:
         stall = next(iter(self.routes.values())).engine.stall_timeout_s
         idle = time.monotonic() - self.engine.last_progress
-        if self.broken is None and stall is not None and self.engine.busy and idle > stall:
-            self._failed(RuntimeError(f"no engine step finished for {idle:.0f} s (engine.stall_timeout_s {stall:g})"))
-        if self.broken is not None:
+        if self.flow.broken is None and stall is not None and self.engine.busy and idle > stall:
+            stalled = RuntimeError(f"no engine step finished for {idle:.0f} s (engine.stall_timeout_s {stall:g})")
+            self._failed(stalled)
+            self.flow.fail(stalled)
+        if self.flow.broken is not None:
             try:
                 self.engine.kill()  # its engine-core process must not outlive this replica holding a GPU
             except Exception:  # noqa: BLE001 (the replica is replaced all the same)
                 pass
-            raise RuntimeError(f"engine failed: {self.broken}")
+            raise RuntimeError(f"engine failed: {self.flow.broken}")
 
 
 def _unanswerable(reason: str) -> dict:

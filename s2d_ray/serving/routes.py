@@ -118,14 +118,18 @@ def load_route(run_dir: str | Path, override: str | None = None) -> Route:
     else:
         mode, figures, chosen_by = "system1", {}, "no evaluation"
         why = "this run has no evaluation (run `s2d eval`); System 1 until one says otherwise"
+    if mode == "distilled" and "distilled" not in models:  # evaluated, then model/ removed
+        mode, why = "system1", why + "; but model/ is gone"
     route = Route(cfg.name, str(run.root), cfg, mode, why, models, figures, chosen_by)
-    if "distilled" not in models and mode == "distilled":
-        route.mode = "system1"
-    if override is not None:
-        if override not in route.modes:
-            raise S2DError(f"--route {cfg.name}={override}: this run has no distilled model (no model/); "
-                           f"choose {' or '.join(route.modes)}")  # fmt: skip
-        route.mode, route.chosen_by = override, "--route"
+    return route if override is None else overridden(route, override)
+
+
+def overridden(route: Route, mode: str) -> Route:
+    """The route answering in `mode` whatever its evaluation said (`--route`)."""
+    if mode not in route.modes:
+        raise S2DError(f"--route {route.name}={mode}: this run has no distilled model (no model/); "
+                       f"choose {' or '.join(route.modes)}")  # fmt: skip
+    route.mode, route.chosen_by = mode, "--route"
     return route
 
 
@@ -138,7 +142,7 @@ def load_routes(run_dirs: list[str], overrides: dict[str, str]) -> list[Route]:
     unknown = set(overrides) - set(names)
     if unknown:
         raise S2DError(f"--route {sorted(unknown)[0]}: no route of that name (routes: {', '.join(names)})")
-    return [load_route(r.run, overrides[r.name]) if r.name in overrides else r for r in routes]
+    return [overridden(r, overrides[r.name]) if r.name in overrides else r for r in routes]
 
 
 def parse_route_flags(flags: tuple[str, ...]) -> dict[str, str]:

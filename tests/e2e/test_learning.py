@@ -11,17 +11,13 @@ import json
 import os
 import re
 import signal
-import subprocess
-import threading
-import time
-from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
 from s2d_ray.config import load_config
 from s2d_ray.rundir import RunDir, write_part
-from tests.conftest import ROOT, S2D, newest_log, overrides, s2d
+from tests.conftest import Command, newest_log, overrides, s2d
 
 pytestmark = pytest.mark.e2e
 
@@ -49,7 +45,7 @@ def test_training_survives_a_dead_rank_and_a_dead_driver_and_teaches_the_model_i
         "train.checkpoint_every=2", "eval.split=train", "eval.system2=false",
     )  # fmt: skip
     cmd = [str(local_job), "--out", str(tmp_path), *settings]
-    trainer = _Command("train", [*cmd, "--verbose"])  # the ranks' own lines, live: rank 0's pid
+    trainer = Command("train", [*cmd, "--verbose"])  # the ranks' own lines, live: rank 0's pid
     rank0 = trainer.wait_for(r"RayTrainWorker pid=(\d+)\).*?train step 3/")  # after the checkpoint of step 2
     os.kill(int(rank0.group(1)), signal.SIGKILL)  # the rank that prints: rank 0
     # Read back from the run directory's storage itself, where every rank wrote its shard
@@ -78,7 +74,7 @@ def test_training_survives_a_dead_rank_and_a_dead_driver_and_teaches_the_model_i
 
     # Evaluation killed while the distilled model is being evaluated; the rerun completes,
     # reuses the base model's finished evaluation and leaves no temp files behind.
-    evaluation = _Command("eval", cmd)
+    evaluation = Command("eval", cmd)
     evaluation.wait_for(r"eval: distilled model")
     evaluation.wait_until(lambda: list((tmp_path / "eval").glob(".distilled.*")), "the distilled pass's temp folder")
     evaluation.kill()
@@ -90,45 +86,3 @@ def test_training_survives_a_dead_rank_and_a_dead_driver_and_teaches_the_model_i
     assert ev["distilled"]["n"] == PAIRS
     assert ev["system1"]["accuracy"] < 0.10, ev["system1"]
     assert ev["distilled"]["accuracy"] >= 0.90, ev["distilled"]
-
-
-class _Command:
-    """An `s2d` command in the background, its output collected as it comes."""
-
-    def __init__(self, command: str, args: list[str]):
-        self.proc = subprocess.Popen(
-            [*S2D, command, *args], cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-        self.lines: list[str] = []
-        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
-
-    @property
-    def log(self) -> str:
-        return "".join(list(self.lines))
-
-    def wait_until(self, condition, what: str, timeout: float = 900):
-        deadline = time.time() + timeout
-        while not (found := condition()):
-            assert self.proc.poll() is None, f"exited ({self.proc.returncode}) before {what}\n{self.log[-3000:]}"
-            assert time.time() < deadline, f"timed out waiting for {what}\n{self.log[-3000:]}"
-            time.sleep(0.2)
-        return found
-
-    def wait_for(self, pattern: str) -> re.Match:
-        return self.wait_until(lambda: re.search(pattern, self.log), repr(pattern))
-
-    def kill(self) -> None:
-        """SIGKILL the driver. Ray's reaper takes its cluster down, but two agents of the dead
-        raylet linger (~200 MB): those orphans are removed too."""
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=60)
-        time.sleep(5)
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                ppid = int(stat.read_text().rsplit(") ", 1)[1].split()[1])
-                cmd = (stat.parent / "cmdline").read_bytes()
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == 1 and cmd.startswith((b"ray::DashboardAgent", b"ray::RuntimeEnvAgent")):
-                os.kill(int(stat.parent.name), signal.SIGKILL)

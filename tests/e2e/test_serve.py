@@ -3,9 +3,7 @@ directory, asked through the `openai` client (and raw HTTP for what a client wou
 
 import json
 import os
-import re
 import signal
-import subprocess
 import threading
 import time
 import urllib.error
@@ -15,33 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import ROOT, S2D
+from tests.conftest import Command
 
 pytestmark = pytest.mark.e2e
 KEY = "test-key-4d1c9b"  # never printed: the test checks the log for it
 PORT = 8731
-
-
-class Server:
-    def __init__(self, run_dir, *args, env=None):
-        self.proc = subprocess.Popen(
-            [*S2D, "serve", str(run_dir), "--port", str(PORT), *args], cwd=ROOT, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        )  # fmt: skip
-        self.lines: list[str] = []
-        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
-
-    @property
-    def out(self) -> str:
-        return "".join(list(self.lines))
-
-    def wait_for(self, pattern: str, timeout: float = 900) -> re.Match:
-        deadline = time.time() + timeout
-        while not (found := re.search(pattern, self.out)):
-            assert self.proc.poll() is None, f"s2d serve exited ({self.proc.returncode})\n{self.out[-4000:]}"
-            assert time.time() < deadline, f"timed out waiting for {pattern!r}\n{self.out[-4000:]}"
-            time.sleep(0.2)
-        return found
 
 
 def _raw(path: str, body=None, key: str | None = KEY, data: bytes | None = None, method=None):
@@ -59,7 +35,7 @@ def _raw(path: str, body=None, key: str | None = KEY, data: bytes | None = None,
 @pytest.fixture(scope="module")
 def served(pipeline_run):
     out, _ = pipeline_run
-    server = Server(out, "--drain-s", "600", env={"S2D_API_KEY": KEY})
+    server = Command("serve", [str(out), "--port", str(PORT), "--drain-s", "600"], env={"S2D_API_KEY": KEY})
     server.wait_for(r"serving: http://127\.0\.0\.1:\d+/v1")
     yield out, server
     if server.proc.poll() is None:
@@ -86,7 +62,7 @@ def test_models_name_each_route_its_mode_and_why(served, client):
     info = models[name].model_extra["s2d"]
     assert info["mode"] in ("distilled", "system2", "system1") and info["chosen_by"] == "evaluation"
     assert "McNemar" in info["tests"]["test"] and info["why"]
-    assert f"route {name}: {info['mode']} (evaluation)" in server.out  # printed at start
+    assert f"route {name}: {info['mode']} (evaluation)" in server.log  # printed at start
 
 
 def test_a_served_answer_is_the_evaluated_answer(served, client):
@@ -239,6 +215,6 @@ def test_sigterm_drains_the_request_in_flight_and_exits_0(served):
         time.sleep(0.05)
     server.proc.send_signal(signal.SIGTERM)
     asking.join(timeout=300)
-    assert server.proc.wait(timeout=300) == 0, server.out[-3000:]
+    assert server.proc.wait(timeout=300) == 0, server.log[-3000:]
     assert results == [200], results
-    assert "stopping: draining the requests in flight" in server.out
+    assert "stopping: draining the requests in flight" in server.log
