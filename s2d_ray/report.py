@@ -183,20 +183,72 @@ and <b>broke {ex['broke']}</b> (System 1 right, distilled wrong). {shown} of the
 def _fidelity(fid: dict | None) -> str:
     if not fid:
         return "<p>Fidelity needs System 2's answers on the test split (<code>eval.system2</code>).</p>"
-    cells = [[NAMES[k], f"{100 * fid[k]:.1f}%"] for k in ("system1", "distilled") if k in fid]
-    verdict = ""
-    if "distilled" in fid:
-        moved, noise = fid["distilled"] - fid["system1"], 2 * math.sqrt(0.25 / fid["n"])  # ~2 standard errors at worst
-        verdict = ("The distilled model answers like System 2 more often than the base model does: "
-                   "System 2's behaviour was absorbed, at least in part" if moved > 0 else
-                   "The distilled model does not answer like System 2 more often than the base model does: "
-                   "no sign that System 2's behaviour was absorbed")  # fmt: skip
-        if abs(moved) < noise:
-            verdict += f"; with n={fid['n']} a difference under {100 * noise:.1f}% is within noise"
-        verdict = f"<p>{verdict}.</p>"
-    return (f"<p>On the {fid['n']} test inputs where System 2 gave an answer: the share where each system gives "
-            f"the same answer, right or wrong (no labels needed).</p>"
-            + _table(["system", "same answer as System 2"], cells) + verdict)  # fmt: skip
+    pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
+    if "constant_baseline" not in fid:  # evaluated before chance baselines were recorded
+        return ("<p>This run's evaluation predates chance baselines for fidelity: run <code>s2d eval</code> again.</p>"
+                + _table(["system", "same answer as System 2"], [[NAMES[k], pct(fid[k])] for k in ("system1", "distilled") if k in fid]))  # fmt: skip
+    cells = [[NAMES[k], pct(fid[k]), pct(fid[f"{k}_baseline"]), f"{fid[f'{k}_p']:.2g}"]
+             for k in ("system1", "distilled") if k in fid]  # fmt: skip
+    out = (f"<p>On the {fid['n']} test inputs where System 2 gave a well-formed answer: the share where each system "
+           f"gives the same answer, right or wrong (no labels needed), beside its chance baseline: the larger of the "
+           f"agreement its own answer distribution would reach by chance and that of the best constant answer "
+           f"(<q>{html.escape(str(fid['constant_answer']))}</q>, {pct(fid['constant_baseline'])} of System 2's answers); "
+           f"p: {html.escape(fid['test'])}.</p>"
+           + _table(["system", "same answer as System 2", "chance baseline", "p (above the baseline)"], cells))  # fmt: skip
+    if "verdict" in fid:
+        vs = fid["distilled_vs_system1"]
+        text = {
+            "absorbed": "System 2's behaviour was absorbed: the distilled model agrees with System 2 significantly "
+                        "more than chance and than the base model's System 1 does",
+            "no more than the base model": "The distilled model agrees with System 2 above chance, but not "
+                                           "significantly more than the base model's System 1 already did",
+            "not above chance": "No sign that System 2's behaviour was absorbed: the distilled model's agreement "
+                                "with System 2 is not significantly above what chance or a constant answer gives",
+        }[fid["verdict"]]  # fmt: skip
+        out += f"<p>{text} (against System 1's agreement: McNemar p={vs['p']:.2g}).</p>"
+    return out
+
+
+def _paired(tests: dict | None) -> str:
+    rows = [[html.escape(k.replace("_vs_", " vs ").replace("system", "System ")), f"{100 * t['a']:.1f}%",
+             f"{100 * t['b']:.1f}%", str(t["only_a"]), str(t["only_b"]), f"{t['p']:.2g}", str(t["n"])]
+            for k, t in (tests or {}).items() if "_vs_" in k]  # fmt: skip
+    if not rows:
+        return ""
+    return (f"<p>Each comparison on the same inputs: {html.escape(tests['test'])}, significant below p={tests['alpha']}. "
+            "Only the inputs where the two disagree count.</p>"
+            + _table(["comparison", "first", "second", "only the first right", "only the second right", "p", "n"], rows))
+
+
+def _no_harm(entries: dict | None) -> str:
+    if not entries:
+        return ("<p>No no-harm tasks were evaluated (<code>eval.no_harm</code>): nothing says what distillation "
+                "cost on tasks it was not distilled on.</p>")
+    rows = []
+    for label, e in entries.items():
+        metric = e.get("metric", "accuracy")
+        for k, base in e["base"].items():
+            d = e.get("distilled", {}).get(k)
+            t = e.get("tests", {}).get(k)
+            rows.append([html.escape(label), "System 1" if k == "system1" else f"System 2 ({html.escape(str(e['method']))})",
+                         f"{100 * base[metric]:.1f}%", f"{100 * d[metric]:.1f}%" if d else "",
+                         f"{t['p']:.2g}" if t else "", str(base["n"])])  # fmt: skip
+    texts = "".join(f"<p><b>{html.escape(label)}</b>: {html.escape(e['text'])}.</p>" for label, e in entries.items())
+    return ("<p>Tasks the model was not distilled on, scored on the base and the distilled model; each pair on the "
+            "same inputs (McNemar's exact test).</p>"
+            + _table(["task", "system", "base model", "distilled model", "p", "n"], rows) + texts)
+
+
+def _break_even(be: dict | None) -> str:
+    if not be:
+        return "<p>The break-even needs System 2 and the distilled model evaluated.</p>"
+    cur = html.escape(be.get("currency", ""))
+    rows = [[NAMES[k], f"{be['tokens_per_answer'][k]:.1f}", f"{be['device_seconds_per_answer'][k]:.3f}",
+             f"{be['cost_per_1000'][k]:.4f} {cur}"] for k in be["device_seconds_per_answer"]]  # fmt: skip
+    return (f"<p>{html.escape(be['text'])} Distillation: generation and training, "
+            f"{be['distillation_device_hours']:.4f} device-hours ({be['distillation_cost']:.4f} {cur}). "
+            "Per answer, as measured by this run's evaluation (one engine's devices):</p>"
+            + _table(["system", "generated tokens", "device-seconds", "cost per 1,000 answers"], rows))
 
 
 def render(run: RunDir) -> str:
@@ -230,7 +282,7 @@ def render(run: RunDir) -> str:
     ]
     headers = [
         "system", metric, *[k.replace("_", " ") for k in extras],
-        "mean generated tokens", "tokens per input by step", "unparsed", "n", "seconds",
+        "mean generated tokens", "tokens per input by step", "no well-formed answer", "n", "seconds",
     ]  # fmt: skip
     stage_rows = [
         [
@@ -275,6 +327,18 @@ def render(run: RunDir) -> str:
             f"{gen.get('inputs', 0)} inputs (N={f.get('samples', '')}). Votes for the winning answer: "
             f"{html.escape(hist)}. Dropped: {html.escape(drops)}.</p>"
         )
+        uncounted = gen.get("samples_not_counted")
+        if uncounted:
+            top = "; ".join(f"{k} x{v}" for k, v in gen.get("malformed_top", {}).items())
+            filt += (f"<p>Samples whose answer was not voted on: {uncounted['no answer']:,} with no answer, "
+                     f"{uncounted['malformed']:,} malformed for their input" + (f" ({html.escape(top)})" if top else "")
+                     + ". Only well-formed answers are voted on and distilled.</p>")  # fmt: skip
+        div = gen.get("diversity")
+        if div:
+            line = (f"Answer diversity: {div['distinct']} distinct targets; the most common, "
+                    f"<q>{html.escape(div['top_target'])}</q>, is {100 * div['top_share']:.0f}% of the set.")
+            filt += (f'<p class="note">{line} A set dominated by one answer (over {100 * div["dominated_above"]:.0f}%) '
+                     "teaches a constant, not System 2.</p>" if div["dominated"] else f"<p>{line}</p>")  # fmt: skip
         if gen.get("samples_budget"):
             filt += (
                 f"<p>Samples drawn: {gen.get('samples_drawn', 0):,} of {gen['samples_budget']:,} "
@@ -335,8 +399,13 @@ Evaluated on the <b>{html.escape(str(evals.get('split', '')))}</b> split.</p>
 <h2>Systems</h2>
 {_table(headers, rows)}
 {_scatter(systems, metric) if systems else ''}
+{_paired(evals.get("paired"))}
 <h2>Did the distilled model take on System 2's behaviour?</h2>
 {_fidelity(evals.get("fidelity"))}
+<h2>When does distillation pay?</h2>
+{_break_even(evals.get("break_even"))}
+<h2>No harm elsewhere?</h2>
+{_no_harm(evals.get("no_harm"))}
 <h2>Tokens per input, by step</h2>
 {tokens_chart}
 <h2>Examples</h2>

@@ -44,11 +44,19 @@ def summarize(run: Path, root: Path) -> dict:
         metric=evals.get("metric", "accuracy"),
         systems={k: evals[k] for k in SYSTEMS if k in evals},
         verdict=evals.get("distillability", {}).get("verdict", ""),
+        break_even=_break_even(evals.get("break_even")),
         tokens=cost.get("tokens"),
         cost=f"{cost.get('total', 0):.2f} {cost.get('currency', '')}".strip() if cost.get("device_hour_price") else "",
         report=(run / "report.html").exists(),
     )
     return row
+
+
+def _break_even(be: dict | None) -> str:
+    """The requests after which distillation paid, as `s2d runs` shows them."""
+    if not be:
+        return ""
+    return f"{be['requests']:,} requests" if be.get("requests") else "never"
 
 
 def _metric(row: dict, system: str) -> str:
@@ -57,7 +65,7 @@ def _metric(row: dict, system: str) -> str:
 
 
 COLUMNS = ["#", "run", "task", "method", "filter", "model", "reached", "kept", "System 1", "System 2", "distilled",
-           "verdict", "tokens", "cost"]  # fmt: skip
+           "verdict", "break-even", "tokens", "cost"]  # fmt: skip
 
 
 def _cells(i: int, row: dict) -> list[str]:
@@ -65,7 +73,7 @@ def _cells(i: int, row: dict) -> list[str]:
         return [str(i), row["run"], row["problem"]] + [""] * (len(COLUMNS) - 3)
     tokens = f"{row['tokens']:,}" if row.get("tokens") else ""
     return [str(i), row["run"], row["task"], row["method"], row["filter"], row["model"], row["reached"], row["kept"],
-            *(_metric(row, s) for s in SYSTEMS), row["verdict"], tokens, row["cost"]]  # fmt: skip
+            *(_metric(row, s) for s in SYSTEMS), row["verdict"], row["break_even"], tokens, row["cost"]]  # fmt: skip
 
 
 def table_text(rows: list[dict]) -> str:

@@ -12,6 +12,19 @@ from s2d_ray.generation.stage import Pass
 from s2d_ray.tasks import Task
 
 
+NO_ANSWER = "no answer"
+
+
+def dropped(task: Task, answer: str | None, values: dict) -> str | None:
+    """Why an extracted answer is not counted for its input (`values`): "no answer" or
+    'malformed "<answer>": <why>'; None when it is a well-formed answer."""
+    if answer is None:
+        return NO_ANSWER
+    why = task.malformed(answer, values)
+    shown = answer if len(answer) <= 40 else answer[:40] + "..."
+    return None if why is None else f'malformed "{shown}": {why}'
+
+
 def pass_run(p: Pass, task: Task, max_model_len: int):
     """What the dataflow needs of a pass: sampling, rounds and the adaptive stop, USC."""
     from s2d_ray.methods.dataflow import PassRun
@@ -21,8 +34,8 @@ def pass_run(p: Pass, task: Task, max_model_len: int):
         min_agreement, confidence, round_size, window = p.adaptive
         first = first_round(p.samples, confidence, window)
 
-        def stop(samples) -> bool:
-            answers = [task.extract(s.final) for s in samples]
+        def stop(samples, values) -> bool:
+            answers = [a if dropped(task, a, values) is None else None for a in map(task.extract, (s.final for s in samples))]
             return adaptive_vote(answers, p.samples, min_agreement, confidence, window) is not None
 
         decided = stop
@@ -57,9 +70,12 @@ def run_batch(flow, task: Task, passes: list[Pass], batch: pd.DataFrame, max_mod
     out = batch.copy()
     for k, p in enumerate(passes):
         results, chosen, seconds = work.outputs(k)
-        answers = [[task.extract(s.final) for s in samples] for samples in results]
+        # Judged against the input as given (a perturbed pass's answers mapped back first).
+        raw = [[task.extract(s.final) for s in samples] for samples in results]
         if p.perturbed:
-            answers = [[task.unperturb(a) for a in row] for row in answers]
+            raw = [[task.unperturb(a) for a in row] for row in raw]
+        why = [[dropped(task, a, v) for a in row] for row, v in zip(raw, originals)]
+        answers = [[a if w is None else None for a, w in zip(row, ws)] for row, ws in zip(raw, why)]
         # An input fails (recorded, never voted into distill/) when none of its samples got
         # through every step: a prompt too long for the context at some step, typically.
         errors = [[s.error for s in samples if s.error] for samples in results]
@@ -70,7 +86,8 @@ def run_batch(flow, task: Task, passes: list[Pass], batch: pd.DataFrame, max_mod
             before = p.program.step_names[:-1]
             out[f"{p.label}_steps"] = [[json.dumps({k: s.values.get(k, "") for k in before}) for s in samples]
                                        for samples in results]  # fmt: skip
-        out[f"{p.label}_answers"] = answers
+        out[f"{p.label}_answers"] = answers  # well-formed answers only (None: not counted)
+        out[f"{p.label}_dropped"] = why  # per sample: None (counted), or why not
         out[f"{p.label}_samples"] = [len(samples) for samples in results]
         for step in p.program.step_names:
             out[f"{p.label}_tokens_{step}"] = [sum(s.tokens[step] for s in samples) for samples in results]

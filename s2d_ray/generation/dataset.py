@@ -72,7 +72,7 @@ def generation_dataset(todo: list[Example], stage: EngineStage, *, tag: str = ""
     votes = [s.vote for _, s in jobs]
     # Voting is cheap bookkeeping: it must never wait for a CPU the engines hold.
     if also and any(v is not None for v in votes):
-        ds = ds.map_batches(vote_jobs, fn_kwargs={"votes": votes, "task": stage.task}, batch_size=None,
+        ds = ds.map_batches(vote_jobs, fn_kwargs={"votes": votes, "tasks": [s.task for _, s in jobs]}, batch_size=None,
                             batch_format="pandas", num_cpus=0)  # fmt: skip
     elif stage.vote is not None:
         ds = ds.map_batches(vote_batch, fn_kwargs={**stage.vote, "task": stage.task}, batch_format="pandas", num_cpus=0)

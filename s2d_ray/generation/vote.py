@@ -4,6 +4,7 @@ the distillation set (id, prompt, target: no reasoning)."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pandas as pd
 import pyarrow as pa
@@ -48,9 +49,10 @@ def vote_batch(batch: pd.DataFrame, label: str, filt: FilterConfig, task: Task) 
     return out
 
 
-def vote_jobs(batch: pd.DataFrame, votes: list[dict | None], task: Task) -> pd.DataFrame:
-    vote = votes[batch_job(batch)]
-    return vote_batch(batch, **vote, task=task) if vote is not None else batch
+def vote_jobs(batch: pd.DataFrame, votes: list[dict | None], tasks: list[Task]) -> pd.DataFrame:
+    """A shared pipeline's voting: each batch by its own stage's filter and task."""
+    job = batch_job(batch)
+    return vote_batch(batch, **votes[job], task=tasks[job]) if votes[job] is not None else batch
 
 
 DISTILL_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("target", pa.string())])
@@ -62,4 +64,16 @@ def distill_rows(table: pa.Table) -> pa.Table:
     return pa.Table.from_pylist(
         [{"id": r["id"], "prompt": r["input"], "target": r["target"]} for r in rows], schema=DISTILL_SCHEMA
     )
+
+
+def diversity(targets: list[str], space: int | None) -> dict | None:
+    """How varied the distillation set's targets are: the share of its most common one.
+    Dominated: above half (an open answer space), or 1.5x what an even spread over the
+    task's answers would give (coin flip: 75%), a set that teaches one answer for all."""
+    if not targets:
+        return None
+    (top, count), = Counter(targets).most_common(1)
+    share, limit = count / len(targets), max(0.5, 1.5 / space) if space else 0.5
+    return {"top_target": top, "top_share": share, "distinct": len(set(targets)), "dominated": share > limit,
+            "dominated_above": limit}  # fmt: skip
 

@@ -174,7 +174,7 @@ class PassRun:
     sampling: dict
     first: int  # samples in the first round; == samples unless adaptive
     round_size: int
-    decided: Callable[[list[Sample]], bool] | None  # adaptive: stop drawing for this input
+    decided: Callable[[list[Sample], dict], bool] | None  # adaptive: stop drawing for this input (its values)
     usc: tuple[int, int, int] | None  # (max_tokens, max_model_len, fallback_shown)
 
 
@@ -242,7 +242,7 @@ class _InputRun:
             return
         samples: list[Sample] = self.samples  # type: ignore[assignment]
         p = self.p
-        if p.decided is not None and len(samples) < p.samples and not p.decided(samples):
+        if p.decided is not None and len(samples) < p.samples and not p.decided(samples, self.values):
             self.launch(min(p.round_size, p.samples - len(samples)))
         elif p.usc is not None:
             self._usc(samples)

@@ -9,11 +9,10 @@ from pathlib import Path
 
 from s2d_ray.config import JobConfig, parse_config
 from s2d_ray.errors import S2DError
-from s2d_ray.evaluation import mcnemar
+from s2d_ray.evaluation import aligned, better, correctness, paired_tests, said, worse
 from s2d_ray.rundir import RunDir
 
 MODES = ("distilled", "system2", "system1")
-ALPHA = 0.05  # the significance of every paired test a route's choice rests on
 
 
 @dataclass
@@ -42,37 +41,23 @@ class Route:
                 "tests": self.figures}  # fmt: skip
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
-
-
 def choose_mode(correct: dict[str, list[bool]]) -> tuple[str, str, dict]:
     """The cheapest mode the evaluation did not show to be worse, from per-input scores on
     the same inputs (`system1`, and `system2`/`distilled` where evaluated): distilled when
     McNemar's test finds it worse than neither System 2 nor System 1; else System 2 when
     it beat System 1 significantly; else System 1."""
-    tests: dict[str, dict] = {}
-    for a, b in (("distilled", "system2"), ("distilled", "system1"), ("system2", "system1")):
-        if a in correct and b in correct:
-            tests[f"{a}_vs_{b}"] = mcnemar(correct[a], correct[b])
-    worse = lambda t: t["a"] < t["b"] and t["p"] < ALPHA  # noqa: E731
-    better = lambda t: t["a"] > t["b"] and t["p"] < ALPHA  # noqa: E731
-    figures = {"test": "McNemar's exact test, two-sided", "alpha": ALPHA, **tests}
-
-    def said(key: str) -> str:
-        t = tests[key]
-        a, b = key.split("_vs_")
-        return f"{a} {_pct(t['a'])} vs {b} {_pct(t['b'])} (p={t['p']:.3g}, n={t['n']})"
+    figures = paired_tests(correct)
+    tests = {k: v for k, v in figures.items() if "_vs_" in k}
 
     d_tests = [k for k in ("distilled_vs_system2", "distilled_vs_system1") if k in tests]
     if d_tests and not any(worse(tests[k]) for k in d_tests):
-        return "distilled", "the distilled model was not worse: " + "; ".join(said(k) for k in d_tests), figures
+        return "distilled", "the distilled model was not worse: " + "; ".join(said(tests, k) for k in d_tests), figures
     s2 = tests.get("system2_vs_system1")
-    lost = [said(k) for k in d_tests if worse(tests[k])]
+    lost = [said(tests, k) for k in d_tests if worse(tests[k])]
     if s2 is not None and better(s2):
-        why = "System 2 beat System 1: " + said("system2_vs_system1")
+        why = "System 2 beat System 1: " + said(tests, "system2_vs_system1")
         return "system2", why + ("; the distilled model did not keep up: " + "; ".join(lost) if lost else ""), figures
-    why = "System 2 did not beat System 1" + (f": {said('system2_vs_system1')}" if s2 else " (not evaluated)")
+    why = "System 2 did not beat System 1" + (f": {said(tests, 'system2_vs_system1')}" if s2 else " (not evaluated)")
     return "system1", why + ("; the distilled model was worse: " + "; ".join(lost) if lost else ""), figures
 
 
@@ -84,16 +69,10 @@ def _scores(run: RunDir, cfg: JobConfig) -> dict[str, list[bool]] | None:
     if base is None:
         return None
     distilled = load_results(run.eval_dir / "distilled") if (run.eval_dir / "distilled").exists() else None
-    golds = dict(zip(base.column("id").to_pylist(), base.column("answer").to_pylist()))
-    out = {}
-    for name, table in (("system1", base), ("system2", base), ("distilled", distilled)):
-        if table is None or f"{name}_answers" not in table.column_names:
-            continue
-        first = {i: (a[0] if a else None) for i, a in zip(table.column("id").to_pylist(), table.column(f"{name}_answers").to_pylist())}
-        if set(first) != set(golds):
-            continue  # not evaluated on the same inputs: no paired test with it
-        out[name] = [bool(cfg.task.score(first[i], g)) if g is not None else False for i, g in golds.items()]
-    return out
+    scores = {name: correctness(table, name, cfg.task)
+              for name, table in (("system1", base), ("system2", base), ("distilled", distilled))
+              if table is not None and f"{name}_answers" in table.column_names}  # fmt: skip
+    return aligned(scores)
 
 
 def load_route(run_dir: str | Path, override: str | None = None) -> Route:

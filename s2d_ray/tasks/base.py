@@ -52,6 +52,19 @@ class Task(BaseModel):
         """The final answer in a model output, normalised; None if there is none."""
         raise NotImplementedError
 
+    def malformed(self, answer: str, values: dict[str, str]) -> str | None:
+        """Why an extracted answer cannot be an answer to this input (`values`: the input's
+        template fields), judged from the input alone, no label; None when it is well-formed.
+        Only well-formed answers are voted on, scored as answers and distilled: a consistent
+        echo of the prompt ("Answer: answer") is not an answer. Tasks whose extractor only
+        yields well-formed answers (yes/no, a number, a verdict, a choice) keep this."""
+        return None
+
+    def answer_space(self) -> int | None:
+        """How many distinct answers the task has (None: open): what a distillation set
+        dominated by one answer is measured against."""
+        return None
+
     def target(self, answer: str) -> str:
         """The distillation target for an extracted answer: the final answer only."""
         return f"Answer: {answer}"

@@ -47,6 +47,9 @@ class CoinFlip(SyntheticTask):
 
         return draw
 
+    def answer_space(self) -> int | None:
+        return 2  # the extractor yields yes or no only
+
     def extract(self, text: str) -> str | None:
         found = _ANSWER.findall(text)
         if found:

@@ -100,6 +100,9 @@ class UserTask(FileTask):
             raise ValueError("the input is empty")
         return super().request(self.prompt_template.replace("{prompt}", text.strip()))
 
+    def answer_space(self) -> int | None:
+        return len(self.choices) if self.choices is not None else None
+
     def extract(self, text: str) -> str | None:
         matches = list(self._pattern().finditer(text))
         if not matches:

@@ -72,6 +72,14 @@ class LastLetter(SyntheticTask):
         lone = _LONE_WORD.match(text.strip())
         return lone.group(1).lower() if lone else None
 
+    def malformed(self, answer: str, values: dict[str, str]) -> str | None:
+        """One letter per word of the input ("answer" for two words is an echo of the prompt)."""
+        words = len(values.get("words", "").split())
+        if words and len(answer) != words:
+            plural = lambda n, what: f"{n} {what}" + ("s" if n != 1 else "")  # noqa: E731
+            return f"{plural(len(answer), 'letter')} for {plural(words, 'word')}"
+        return None
+
     @property
     def template_fields(self) -> set[str]:
         return {"question", "format", "words"}

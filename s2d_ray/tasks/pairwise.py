@@ -86,6 +86,9 @@ class Pairwise(FileTask):
         loose = _LOOSE.findall(text)
         return next((x for x in reversed([a or b for a, b in loose]) if x), None) if loose else None
 
+    def answer_space(self) -> int | None:
+        return 3  # A, B or C (a tie): the extractor yields nothing else
+
     def target(self, answer: str) -> str:
         return f"[[{answer}]]"
 

@@ -95,6 +95,18 @@ class TriviaQA(FileTask):
         answer = normalize(_SENTENCE_END.split(answer, maxsplit=1)[0])
         return answer or None
 
+    def malformed(self, answer: str, values: dict[str, str]) -> str | None:
+        """A short answer that is neither the question nor words of the prompt's template."""
+        words = answer.split()
+        if len(words) > self.max_answer_words:
+            return f"{len(words)} words (task.max_answer_words {self.max_answer_words})"
+        question = normalize(values.get("question_text", ""))
+        if question and answer == question:
+            return "the question itself"
+        if set(words) <= {*normalize(self.answer_format).split(), "answer", "question"}:
+            return "words of the answer-format instruction"
+        return None
+
     def score(self, prediction: str | None, gold: str) -> float:
         if not prediction or not gold:
             return 0.0

@@ -127,7 +127,7 @@ def test_fan_out_must_follow_an_earlier_step():
 def test_adaptive_rounds_stop_decided_inputs_and_never_exceed_n():
     engine = FakeEngine()
     inputs = [{"question": "easy", "format": ""}, {"question": "hard", "format": ""}]
-    decided = lambda samples: samples[0].values["question"] == "easy"  # noqa: E731
+    decided = lambda samples, values: values["question"] == "easy"  # noqa: E731
     res, _ = run_pass(engine, one_pass(METHODS["system1"], 7, first=3, round_size=3, decided=decided), inputs)
     assert [len(r) for r in res] == [3, 7]  # hard: 3 + 3 + 1, never more than N
     assert sum("easy" in p for p in engine.submitted()) == 3 and sum("hard" in p for p in engine.submitted()) == 7
@@ -208,7 +208,7 @@ def test_batches_sharing_an_engine_split_its_time_and_fail_alone(monkeypatch):
     flow = Flow(engine)
     inputs = [{"question": f"q{i}", "format": "F"} for i in range(3)]
 
-    def broken(samples):
+    def broken(samples, values):
         raise KeyError("a bug in a continuation")
 
     good = BatchRun(flow, [(one_pass(METHODS["rar2"], 2), inputs, ["a", "b", "c"]),

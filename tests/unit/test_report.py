@@ -28,6 +28,14 @@ def _row(i: int, s1: bool, d: bool) -> dict:
             "system2": {**side(True, "ab"), "steps": {"rephrase": f"rephrased question {i}"}}}  # fmt: skip
 
 
+def _fidelity(s1: float, d: float, verdict: str = "absorbed") -> dict:
+    return {"n": 30, "constant_answer": "ab", "constant_baseline": 0.1, "test": "exact binomial, one-sided", "alpha": 0.05,
+            "system1": s1, "system1_chance": 0.05, "system1_baseline": 0.1, "system1_p": 0.2,
+            "distilled": d, "distilled_chance": 0.08, "distilled_baseline": 0.1, "distilled_p": 1e-9,
+            "distilled_vs_system1": {"n": 30, "a": d, "b": s1, "only_a": 15, "only_b": 0, "p": 6e-5},
+            "absorbed": verdict == "absorbed", "verdict": verdict}  # fmt: skip
+
+
 def _run_dir(tmp_path, same_spot: bool = True) -> RunDir:
     run = RunDir(tmp_path / "run").create()
     # The worst case for labels: all three systems on one spot of the scatter plot.
@@ -37,7 +45,7 @@ def _run_dir(tmp_path, same_spot: bool = True) -> RunDir:
         **{k: _system(0.5, tokens[k], {"answer": tokens[k]} if k != "system2" else {"rephrase": 8.0, "respond": 12.0})
            for k in SYSTEMS},
         "distillability": {"verdict": "did not help", "text": "Distillation did not help here."},
-        "fidelity": {"n": 30, "system1": 0.2, "distilled": 0.7},
+        "fidelity": _fidelity(0.2, 0.7),
         "examples": {"n": 40, "fixed": 3, "broke": 1,
                      "rows": [_row(0, False, True), _row(1, False, True), _row(2, True, False), _row(3, True, True)]},
     }  # fmt: skip
@@ -60,7 +68,7 @@ def test_the_report_shows_examples_fidelity_loss_votes_and_tokens_per_step(tmp_p
     assert page.count('class="ex-row fixed"') == 2 and page.count('class="ex-row broke"') == 1
     assert 'id="ex-fixed"' in page and "#ex-fixed:checked" in page  # the filter, in CSS
     assert "rephrased question 0" in page  # System 2's intermediate text
-    assert "70.0%" in page and "20.0%" in page and "absorbed, at least in part" in page
+    assert "70.0%" in page and "20.0%" in page and "System 2's behaviour was absorbed" in page
     assert 'aria-label="loss per training step"' in page
     assert page.count("<polyline") == 1 and page.count("<circle") >= 30  # one point per step
     assert 'aria-label="inputs by votes for the winning answer' in page
@@ -71,10 +79,10 @@ def test_the_report_shows_examples_fidelity_loss_votes_and_tokens_per_step(tmp_p
 def test_no_fidelity_gain_is_said_plainly(tmp_path):
     run = _run_dir(tmp_path)
     evals = json.loads(run.eval_json.read_text())
-    evals["fidelity"] = {"n": 30, "system1": 0.3, "distilled": 0.3}
+    evals["fidelity"] = _fidelity(0.3, 0.3, "not above chance")
     run.eval_json.write_text(json.dumps(evals))
     page = render(run)
-    assert "no sign that System 2's behaviour was absorbed" in page and "within noise" in page
+    assert "No sign that System 2's behaviour was absorbed" in page and "chance baseline" in page
 
 
 def test_the_report_is_self_contained(tmp_path):
@@ -124,12 +132,40 @@ def test_fidelity_and_examples_from_evaluation_rows():
     distilled = pa.table({"id": ids[::-1], "input": ["q"] * 4, "answer": ["gh", "ef", "cd", "ab"],
                           "distilled_answers": [["zz"], ["xx"], ["cd"], ["xx"]], "distilled_outputs": [["o"]] * 4})  # fmt: skip
     fid = fidelity(base, distilled)  # System 2 answered a, b, d; matched by id, not by row
-    assert fid == {"n": 3, "system1": pytest.approx(1 / 3), "distilled": pytest.approx(1 / 3)}
-    assert fidelity(base, None) == {"n": 3, "system1": pytest.approx(1 / 3)}
+    assert (fid["n"], fid["system1"], fid["distilled"]) == (3, pytest.approx(1 / 3), pytest.approx(1 / 3))
+    assert fid["system1_chance"] == pytest.approx(1 / 9)  # "ab" 1 of 3 times, System 2 "ab" 1 of 3
+    assert fid["constant_baseline"] == pytest.approx(1 / 3) and fid["verdict"] == "not above chance"
+    assert "distilled" not in fidelity(base, None) and "verdict" not in fidelity(base, None)
     ex = examples(base, distilled, task, k=2)
     assert (ex["fixed"], ex["broke"], ex["n"]) == (1, 2, 4)  # b fixed; a and c broke
     assert {r["id"] for r in ex["rows"]} == {"b", "a"}  # fixed and broke first, in test order
     assert ex["rows"][0]["system2"]["steps"] == {"rephrase": "r"}
+
+
+def _agreeing(s2: list[str], s1: list[str], d: list[str]) -> dict:
+    ids = [f"t{i}" for i in range(len(s2))]
+    wrap = lambda xs: [[x] for x in xs]  # noqa: E731
+    base = pa.table({"id": ids, "system2_answers": wrap(s2), "system1_answers": wrap(s1)})
+    return fidelity(base, pa.table({"id": ids, "distilled_answers": wrap(d)}))
+
+
+def test_a_constant_answer_matching_system_2_is_not_called_absorbed():
+    # System 2 says "ab" on 24 of 40 inputs; a distilled model that always says "ab"
+    # agrees 60% of the time, as a constant does: not absorption.
+    s2 = ["ab"] * 24 + [f"x{i}" for i in range(16)]
+    fid = _agreeing(s2, [f"y{i}" for i in range(40)], ["ab"] * 40)
+    assert fid["distilled"] == pytest.approx(0.6) and fid["distilled_baseline"] == pytest.approx(0.6)
+    assert fid["verdict"] == "not above chance" and not fid["absorbed"]
+
+
+def test_fidelity_far_above_chance_and_the_base_model_is_absorbed():
+    s2 = [f"a{i % 10}" for i in range(40)]
+    fid = _agreeing(s2, [f"y{i}" for i in range(40)], s2[:36] + ["zz"] * 4)
+    assert fid["distilled"] == pytest.approx(0.9) and fid["distilled_p"] < 1e-6
+    assert fid["distilled_vs_system1"]["p"] < 0.05 and fid["verdict"] == "absorbed"
+    # The same agreement when the base model already had it: above chance, not absorbed.
+    fid = _agreeing(s2, s2[:36] + ["y"] * 4, s2[:36] + ["zz"] * 4)
+    assert fid["verdict"] == "no more than the base model"
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
