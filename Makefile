@@ -25,10 +25,10 @@ setup: $(STAMP)
 	$(BIN)/s2d models prepare smollm2
 
 run: setup
-	$(BIN)/s2d run jobs/local/last-letter-rar2.yaml
+	$(BIN)/s2d run jobs/local/triviaqa-s2a-usc.yaml
 
 test: setup
-	$(BIN)/python -m pytest -q -rs tests
+	$(BIN)/python -m pytest -q -rs --durations=30 tests
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit

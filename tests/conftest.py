@@ -14,7 +14,6 @@ S2D = [sys.executable, "-m", "s2d_ray.cli"]
 
 # Small, fast settings shared by the end-to-end tests (real Ray, vLLM, DeepSpeed, SmolLM2).
 TINY = [
-    "task.words_per_example=2",
     "engine.batch_size=8",
     "engine.kv_cache_gib=1",
     "engine.max_model_len=768",
@@ -56,15 +55,22 @@ def local_job() -> Path:
 
 
 @pytest.fixture(scope="session")
-def pipeline_run(tmp_path_factory, local_job):
-    """One `s2d run` through every stage, shared by the tests that read a finished run
-    directory (the contract, serving); none of them changes what the run wrote."""
+def default_job() -> Path:
+    """`make run`'s job: the one whose System 2 gives this model's well-formed answers."""
+    return ROOT / "jobs" / "local" / "triviaqa-s2a-usc.yaml"
+
+
+PIPELINE_NO_HARM = "eval.no_harm=[{task: {name: coin_flip, people: 2, train: 0, validation: 0, test: 4}}]"
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory, default_job):
+    """One `s2d run` of `make run`'s job through every stage, shared by the tests that read
+    a finished run directory (the contract, serving); none of them changes what it wrote."""
     out = tmp_path_factory.mktemp("run")
-    # Near-greedy samples: the 135M model rarely agrees with itself at higher temperatures,
-    # and the tests need a non-empty distillation set (voting itself is unit-tested).
     proc = s2d(
-        "run", str(local_job), "--out", str(out),
-        *overrides("task.train=12", "task.test=6", "filter.samples=3", "sampling.temperature=0.05",
+        "run", str(default_job), "--out", str(out),
+        *overrides("task.limit.train=12", "task.limit.test=6", "filter.samples=3", PIPELINE_NO_HARM,
                    "tracking.mlflow=true", f"tracking.uri={out}-mlruns"),
     )  # fmt: skip
     return out, proc
