@@ -65,9 +65,10 @@ def run(job, out, overrides, restart, retry_failed, verbose):
         if restart:
             rd.restart(("generate", "train", "eval"), log)
         result = pipeline.run_all(cfg, rd, log, retry_failed)
-    metric = result["metric"]
-    parts = [f"{k} {100 * result[k][metric]:.1f}%" for k in ("system1", "system2", "distilled") if k in result]
-    click.echo(f"done: {metric} {', '.join(parts)}; {result['distillability']['verdict']}")
+    for label, r in result["tasks"].items():
+        metric = r["metric"]
+        parts = [f"{k} {100 * r[k][metric]:.1f}%" for k in ("system1", "system2", "distilled") if k in r]
+        click.echo(f"done{' ' + label if cfg.tasks else ''}: {metric} {', '.join(parts)}; {r['verdict']}")
     click.echo(f"run directory: {rd.root}")
     click.echo(f"report: {rd.report_html}")
 
@@ -88,7 +89,7 @@ def generate(job, out, overrides, restart, retry_failed, verbose):
     with rd.lock("generate"), terminal(rd.logs, "generate", verbose) as log:
         if restart:
             rd.restart(("generate",), log)
-        stats = pipeline.generate(cfg, rd, log, retry_failed)
+        stats = (pipeline.generate_tasks if cfg.tasks else pipeline.generate)(cfg, rd, log, retry_failed)
     click.echo(f"kept {stats['kept']} of {stats['inputs']} inputs; run directory: {rd.root}")
 
 

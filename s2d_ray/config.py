@@ -354,6 +354,24 @@ class ServeConfig(Strict):
         return self
 
 
+class TaskEntry(Strict):
+    """One task of a pipeline job (`tasks:`): its own method, filter and samples; all are
+    generated on the same engines, distilled into one model, evaluated each on its own."""
+
+    task: TaskConfig
+    method: MethodConfig = MethodConfig()
+    filter: FilterConfig = FilterConfig()
+    label: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+$")  # default: the task's name
+    # At most this many kept rows of this task in the distillation set (a seeded subset).
+    cap: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _label(self):
+        if self.label is None:
+            object.__setattr__(self, "label", self.task.name)
+        return self
+
+
 class RayConfig(Strict):
     # None: start a local Ray; "auto": join the cluster this runs on; or ray://... / host:port.
     address: str | None = None
@@ -365,6 +383,9 @@ class JobConfig(Strict):
     out: str = "runs/s2d"
     model: ModelConfig = ModelConfig()
     task: TaskConfig
+    # A pipeline: several tasks distilled into one model (`task`, `method` and `filter`
+    # then mirror the first one, for what looks at one task: the estimate, the checks).
+    tasks: list[TaskEntry] = Field(default_factory=list)
     method: MethodConfig = MethodConfig()
     filter: FilterConfig = FilterConfig()
     sampling: SamplingConfig = SamplingConfig()
@@ -378,13 +399,42 @@ class JobConfig(Strict):
     tracking: TrackingConfig = TrackingConfig()
     serve: ServeConfig = ServeConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _first_task(cls, data):
+        """With `tasks:`, the top-level task, method and filter are the first task's."""
+        if not isinstance(data, dict) or not data.get("tasks") or not isinstance(data["tasks"], list):
+            return data
+        first = data["tasks"][0]
+        if not isinstance(first, dict):
+            return data
+        data = dict(data)
+        for key in ("task", "method", "filter"):
+            if key in data and data[key] != first.get(key):
+                raise ValueError(f"with tasks:, give {key} inside each task, not at the top of the job")
+            if key in first or key != "task":
+                data[key] = first.get(key, {})
+        return data
+
+    def entries(self) -> list[tuple[str, "JobConfig"]]:
+        """(label, a job of this task alone) for each task: one entry for a single-task job."""
+        if not self.tasks:
+            return [(self.task.name, self)]
+        return [(e.label, self.model_copy(update={"task": e.task, "method": e.method, "filter": e.filter, "tasks": []}))
+                for e in self.tasks]  # fmt: skip
+
     @model_validator(mode="after")
     def _cross(self):
-        if self.sampling.temperature == 0 and self.filter.samples > 1:
-            raise ValueError(
-                f"sampling.temperature 0 (greedy) makes all {self.filter.samples} samples identical; "
-                "use a temperature > 0 or filter.samples: 1"
-            )
+        labels = [e.label for e in self.tasks]
+        for label in labels:
+            if labels.count(label) > 1:
+                raise ValueError(f"two tasks labelled {label!r}: give each a distinct label")
+        for label, sub in self.entries()[1:]:
+            try:
+                sub._one_task()
+            except ValueError as err:
+                raise ValueError(f"tasks {label}: {err}") from None
+        self._one_task()
         if self.train.use_gpu != (self.engine.device == "cuda"):
             raise ValueError("engine.device and train.use_gpu disagree (cuda needs use_gpu: true)")
         if self.train.streaming and self.train.micro_batch_tokens is not None:
@@ -393,12 +443,10 @@ class JobConfig(Strict):
         if self.train.micro_batch_tokens is not None and self.train.micro_batch_tokens < self.train.max_seq_len:
             raise ValueError(f"train.micro_batch_tokens {self.train.micro_batch_tokens} < train.max_seq_len "
                              f"{self.train.max_seq_len}: a row of the longest length would not fit alone")  # fmt: skip
+        if self.train.streaming and self.tasks:
+            raise ValueError("train.streaming trains on one task's stream; a job with tasks: runs its stages in turn")
         if self.train.streaming and (self.budget.tokens or self.budget.money):
             raise ValueError("budget stops generation between parts; it is not available with train.streaming")
-        if self.filter.name == "swap" and not self.task.has_perturbation:
-            raise ValueError(f"filter swap needs a task with swappable inputs (pairwise); {self.task.name!r} has none")
-        for name in {"system1", self.method.name}:
-            self.program(name)  # every placeholder of every step resolves for this task
         for other in self.eval.no_harm:
             for name in {"system1", other.method or "system1"}:
                 try:
@@ -410,6 +458,18 @@ class JobConfig(Strict):
 
             check_fits(self)  # tensor parallel vs node size, memory of engines and trainers
         return self
+
+    def _one_task(self) -> None:
+        """What must hold of each task with its method and filter."""
+        if self.sampling.temperature == 0 and self.filter.samples > 1:
+            raise ValueError(
+                f"sampling.temperature 0 (greedy) makes all {self.filter.samples} samples identical; "
+                "use a temperature > 0 or filter.samples: 1"
+            )
+        if self.filter.name == "swap" and not self.task.has_perturbation:
+            raise ValueError(f"filter swap needs a task with swappable inputs (pairwise); {self.task.name!r} has none")
+        for name in {"system1", self.method.name}:
+            self.program(name)  # every placeholder of every step resolves for this task
 
     def with_serve(self, settings: dict) -> "JobConfig":
         """This job with its serve: section overridden (`s2d serve`'s flags), validated."""

@@ -231,7 +231,22 @@ def _calls(program) -> int:
 
 
 def estimate(cfg) -> dict:
-    """Predicted tokens, device-hours and money per stage (see the module docstring)."""
+    """Predicted tokens, device-hours and money per stage (see the module docstring). A
+    pipeline (`tasks:`): generation and evaluation summed over its tasks; training as
+    the job's train settings give it (set train.steps for the distillation set of all)."""
+    out = _estimate(cfg)
+    if not cfg.tasks:
+        return out
+    parts = [_estimate(sub)["stages"] for _, sub in cfg.entries()]
+    for name in ("generate", "eval"):
+        if all(name in p for p in parts):
+            out["stages"][name] = {k: sum(p[name][k] for p in parts) for k in ("inputs", "tokens", "device_hours", "cost")}
+    for key in ("tokens", "device_hours", "cost"):
+        out[key] = sum(st[key] for st in out["stages"].values())
+    return out
+
+
+def _estimate(cfg) -> dict:
     f, s, e, t, cost = cfg.filter, cfg.sampling, cfg.engine, cfg.train, cfg.cost
     frac = cost.output_fraction
     swap = 2 if cfg.task.has_perturbation else 1

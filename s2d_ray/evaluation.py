@@ -143,8 +143,9 @@ def no_harm(task: Task, method: str | None, base: pa.Table, distilled: pa.Table 
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
     said = "; ".join(f"{'System 1' if k == 'system1' else 'System 2 (' + method + ')'} distilled {pct(t['a'])} vs base "
                      f"{pct(t['b'])} (p={t['p']:.2g}, n={t['n']})" for k, t in tests.items())  # fmt: skip
+    lower = [k for k, t in tests.items() if t["a"] < t["b"] and not worse(t)]
     out["text"] = ("regressed: the distilled model is significantly worse" if out["regressed"] else
-                   "no significant harm") + f" ({task.metric}: {said})"  # fmt: skip
+                   "no significant harm" + (", though lower: too few inputs to tell" if lower else "")) + f" ({task.metric}: {said})"  # fmt: skip
     if "system2" in tests and not worse(tests["system2"]):
         out["text"] += "; System 2 on the distilled model holds up here: one model could serve both modes"
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,7 +27,7 @@ from s2d_ray.errors import S2DError
 from s2d_ray.evaluation import (aligned, break_even, correctness, distillability, fidelity, no_harm, paired_tests,
                                 score_pass)
 from s2d_ray.evaluation import examples as examples_of
-from s2d_ray.generation import (NO_ANSWER, EngineStage, Pass, distill_rows, diversity, drop_failed, finished_ids,
+from s2d_ray.generation import (DISTILL_SCHEMA, NO_ANSWER, EngineStage, Pass, distill_rows, diversity, drop_failed, finished_ids,
                                 load_results, run_passes)
 from s2d_ray.methods import Program
 from s2d_ray.models import resolve_model
@@ -52,6 +53,9 @@ def versions() -> dict[str, str]:
 def start_run(cfg: JobConfig, run: RunDir) -> None:
     run.create()
     prompts = {name: cfg.program(name).prompts() for name in ("system1", cfg.method.name)}
+    if cfg.tasks:  # a pipeline: each task's, by label
+        prompts = {label: {name: sub.program(name).prompts() for name in ("system1", sub.method.name)}
+                   for label, sub in cfg.entries()}  # fmt: skip
     from s2d_ray.estimate import estimate
 
     run.update_run(config=config_dict(cfg), prompts=prompts, versions=versions(), estimate=estimate(cfg))
@@ -128,6 +132,87 @@ def generate(cfg: JobConfig, run: RunDir, log=print, retry_failed: bool = False,
     return _finish_generation(cfg, run, examples, passes, started, log, budget_stop=did["budget_stop"], **extra)
 
 
+def generate_tasks(cfg: JobConfig, run: RunDir, log=print, retry_failed: bool = False, with_base_eval: bool = False) -> dict:
+    """A pipeline job (`tasks:`): every task's System 2 generation, each with its method and
+    filter, on the same engines in one pipeline (with `with_base_eval`, every base-model
+    evaluation too), each into generate/LABEL/; then one distillation set, rows tagged by
+    task (`task` column, ids LABEL/ID), each task's rows capped by its `cap`."""
+    from s2d_ray.cluster import ray_session
+
+    model = resolve_model(cfg.model.name, cfg.model.path)
+    plans = []
+    for label, sub in cfg.entries():
+        program = sub.program(sub.method.name)
+        folder = run.generate / label
+        plans.append((label, sub, sub.task.examples("train"), generation_passes(sub, program), folder,
+                      _check_resumable(sub, run, program, folder)))  # fmt: skip
+    start_run(cfg, run)
+    for label, sub, examples, passes, folder, settings in plans:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / SETTINGS, settings)
+        if retry_failed:
+            log(f"generate {label}: --retry-failed: {drop_failed(folder)} input(s) recorded as failed will be generated again")
+        log(f"generate {label}: {len(examples)} inputs x {sub.filter.samples} samples of {sub.method.name}")
+    started = time.perf_counter()
+    pending = _pending(run, eval_systems(cfg, "base", model), log) if with_base_eval else []
+    left = bool(pending) or any(not finished_ids(f) >= {e.id for e in ex} for _, _, ex, _, f, _ in plans)
+    did = {"generated": 0, "skipped": 0, "budget_stop": None, "engine_restarts": []}
+    with ray_session(cfg, run.root) if left else nullcontext():
+        pending = [(*p, _eval_folder(run, p[0])) for p in pending]
+        stages = [(ex, engine_stage(sub, model, passes, vote=True), f) for _, sub, ex, passes, f, _ in plans]
+        (examples, stage, folder), rest = stages[0], stages[1:]
+        did = run_passes(examples, stage, folder, budget=_budget(cfg, run), log=log,
+                         also=[*rest, *[(ex, st, tmp) for _, ex, st, _, tmp in pending]],
+                         title="generate" + (" + base eval" if pending else ""), cost=_cost_so_far(cfg, run, "generate"))  # fmt: skip
+        for (name, _, _, source, tmp), complete in zip(pending, did["also_complete"][len(rest):]):
+            if complete:
+                _install_eval(run, name, tmp, source)
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+    per_task, parts = {}, []
+    for label, sub, examples, passes, folder, _ in plans:
+        table = _job_rows(folder, examples)
+        if table is None:  # stopped (budget) before this task's first part
+            log(f"generate {label}: nothing generated yet")
+            continue
+        distill, stats = _distill_set(table, sub.task)
+        stats.update(_generation_figures(table, passes, sub.filter.samples))
+        cap = next(e.cap for e in cfg.tasks if e.label == label)
+        if cap is not None and distill.num_rows > cap:
+            keep = sorted(random.Random(f"cap-{label}-{cfg.sampling.seed}").sample(range(distill.num_rows), cap))
+            distill = distill.take(keep)
+            stats["capped_to"] = cap
+        ids = [f"{label}/{i}" for i in distill.column("id").to_pylist()]
+        parts.append(distill.set_column(0, "id", pa.array(ids, pa.string())).append_column("task", pa.array([label] * len(ids), pa.string())))
+        per_task[label] = stats
+        log(f"generate {label}: kept {stats['kept']} of {stats['inputs']} inputs" + (f", capped to {cap}" if "capped_to" in stats else ""))
+        _log_answers(stats, log, label)
+    union = pa.concat_tables(parts) if parts else DISTILL_SCHEMA.append(pa.field("task", pa.string())).empty_table()
+    _install_distill(run, union)
+    totals = {k: sum(t.get(k, 0) for t in per_task.values()) for k in ("inputs", "tokens", "samples_drawn", "samples_budget", "failed")}
+    stats = {**totals, "kept": union.num_rows, "kept_fraction": union.num_rows / max(totals["inputs"], 1), "tasks": per_task,
+             "seconds": time.perf_counter() - started, "generated_now": did["generated"], "resumed": did["skipped"],
+             "engine_restarts": len(did["engine_restarts"])}  # fmt: skip
+    if did["budget_stop"]:
+        stats["budget_stop"] = did["budget_stop"]
+    _record(cfg, run, "generate", stats, log)
+    log(f"generate: one distillation set of {union.num_rows} rows from {len(plans)} tasks")
+    return stats
+
+
+def _log_answers(stats: dict, log, label: str = "") -> None:
+    """The terminal's lines on answers not voted on and on a set dominated by one answer."""
+    where = f"generate {label}".rstrip()
+    dropped = stats.get("samples_not_counted", {})
+    if dropped.get("malformed"):
+        top = "; ".join(f"{why} x{n}" for why, n in stats["malformed_top"].items())
+        log(f"{where}: {dropped['malformed']} of {stats['samples_drawn']} samples gave a malformed answer, not voted on ({top})")
+    diversity = stats.get("diversity")
+    if diversity and diversity["dominated"]:
+        log(f"{where}: warning: {diversity['top_share']:.0%} of the distillation set has the target "
+            f"{diversity['top_target']!r}: a set dominated by one answer teaches a constant, not System 2")  # fmt: skip
+
+
 def _finish_generation(cfg: JobConfig, run: RunDir, examples, passes, started: float, log, budget_stop=None, **extra) -> dict:
     """From generate/ (this job's inputs only): write distill/ and record the stage's figures."""
     table = _job_rows(run, examples)
@@ -138,20 +223,14 @@ def _finish_generation(cfg: JobConfig, run: RunDir, examples, passes, started: f
     stats.update(_generation_figures(table, passes, cfg.filter.samples))
     _record(cfg, run, "generate", stats, log)
     log(f"generate: kept {stats['kept']} of {stats['inputs']} inputs for distillation")
-    dropped = stats.get("samples_not_counted", {})
-    if dropped.get("malformed"):
-        top = "; ".join(f"{why} x{n}" for why, n in stats["malformed_top"].items())
-        log(f"generate: {dropped['malformed']} of {stats['samples_drawn']} samples gave a malformed answer, not voted on ({top})")
-    diversity = stats.get("diversity")
-    if diversity and diversity["dominated"]:
-        log(f"generate: warning: {diversity['top_share']:.0%} of the distillation set has the target "
-            f"{diversity['top_target']!r}: a set dominated by one answer teaches a constant, not System 2")  # fmt: skip
+    _log_answers(stats, log)
     return stats
 
 
-def _job_rows(run: RunDir, examples) -> pa.Table | None:
-    """generate/ restricted to this job's inputs (a folder may hold rows of a larger run)."""
-    table = load_results(run.generate)
+def _job_rows(run: RunDir | Path, examples) -> pa.Table | None:
+    """generate/ (or a pipeline task's folder) restricted to this job's inputs (a folder may
+    hold rows of a larger run)."""
+    table = load_results(run.generate if isinstance(run, RunDir) else run)
     if table is None:
         return None
     return table.filter(pa.compute.is_in(table.column("id"), pa.array(sorted(e.id for e in examples))))
@@ -241,9 +320,11 @@ SETTINGS = "_settings.json"  # in generate/; "_": Parquet readers skip it
 ANSWER_CHECK = "well-formed answers only (1)"
 
 
-def _check_resumable(cfg: JobConfig, run: RunDir, program: Program) -> dict:
-    """Resuming is only sound with the settings that produced the finished parts; returns
-    them, for the caller to store once every check has passed."""
+def _check_resumable(cfg: JobConfig, run: RunDir, program: Program, folder: Path | None = None) -> dict:
+    """Resuming is only sound with the settings that produced the finished parts (in
+    `folder`, generate/ by default); returns them, for the caller to store once every
+    check has passed."""
+    folder = run.generate if folder is None else folder
     settings = {
         "model": cfg.model.model_dump(mode="json"),
         "task": {k: v for k, v in cfg.task.model_dump(mode="json").items() if k not in ("validation", "test", "train")},
@@ -252,28 +333,38 @@ def _check_resumable(cfg: JobConfig, run: RunDir, program: Program) -> dict:
         "sampling": cfg.sampling.model_dump(mode="json"),
         "answers": ANSWER_CHECK,
     }
-    meta = run.generate / SETTINGS
-    if meta.exists() and any(run.generate.glob("part-*.parquet")):
+    meta = folder / SETTINGS
+    if meta.exists() and any(folder.glob("part-*.parquet")):
         old = json.loads(meta.read_text())
         changed = sorted(k for k in settings if old.get(k) != settings[k])
         if changed:
             raise S2DError(
-                f"{run.generate} was generated with other {', '.join(changed)} settings; "
-                "use another --out (or delete generate/) to start over"
+                f"{folder} was generated with other {', '.join(changed)} settings; "
+                f"use another --out (or delete {folder.relative_to(run.root)}/) to start over"
             )
     return settings
 
 
 def _write_distill_set(table: pa.Table, run: RunDir, task: Task) -> dict:
-    rows = table.select(["vote_count", "vote_total", "kept", "vote_reason"]).to_pylist()
-    distill = distill_rows(table)
+    distill, stats = _distill_set(table, task)
+    _install_distill(run, distill)
+    return stats
+
+
+def _install_distill(run: RunDir, distill: pa.Table) -> None:
     tmp = run.root / ".distill.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     write_part(tmp, distill)
     replace_dir(tmp, run.distill)
+
+
+def _distill_set(table: pa.Table, task: Task) -> tuple[pa.Table, dict]:
+    """The kept rows of voted generation output, and the filter's figures."""
+    rows = table.select(["vote_count", "vote_total", "kept", "vote_reason"]).to_pylist()
+    distill = distill_rows(table)
     histogram = Counter(f"{r['vote_count']}/{r['vote_total']}" for r in rows)
-    return {
+    return distill, {
         "inputs": len(rows),
         "kept": distill.num_rows,
         "kept_fraction": distill.num_rows / len(rows) if rows else 0.0,
@@ -394,10 +485,13 @@ def no_harm_examples(cfg: JobConfig, other) -> list:
 
 def eval_systems(cfg: JobConfig, which: str, model: Path | str, model_id: dict | None = None) -> list[tuple]:
     """What one model is evaluated on, all on its engines at once: the job's task (eval/base/
-    or eval/distilled/) and every no-harm task (eval/no_harm-LABEL-base/, ...-distilled/);
-    each (folder name, inputs, engine stage, model id)."""
-    main = base_eval_passes(cfg) if which == "base" else eval_passes(cfg, "distilled", "system1")
-    out = [(which, eval_examples(cfg), engine_stage(cfg, model, main), model_id)]
+    or eval/distilled/; a pipeline's tasks: eval/LABEL-base/, ...) and every no-harm task
+    (eval/no_harm-LABEL-base/, ...-distilled/); each (folder name, inputs, stage, model id)."""
+    out = []
+    for label, sub in cfg.entries():
+        main = base_eval_passes(sub) if which == "base" else eval_passes(sub, "distilled", "system1")
+        name = which if not cfg.tasks else f"{label}-{which}"
+        out.append((name, eval_examples(sub), engine_stage(sub, model, main), model_id))
     for other in cfg.eval.no_harm:
         passes = eval_passes(cfg, "system1", "system1", other.task)
         if other.method:
@@ -436,28 +530,26 @@ def _eval_group(run: RunDir, systems: list[tuple], log=print, cost=None) -> dict
 
 
 def evaluate(cfg: JobConfig, run: RunDir, log=print) -> dict:
+    """System 1 and System 2 on the base model, System 1 on the distilled model, for the
+    job's task (each task of a pipeline) and its no-harm tasks; eval.json, the verdicts."""
     from s2d_ray.cluster import ray_session
 
     run.create()
     model = resolve_model(cfg.model.name, cfg.model.path)
-    examples = eval_examples(cfg)
-    swap = cfg.task.has_perturbation
     base = base_eval_passes(cfg)
     started = time.perf_counter()
-    results: dict[str, dict] = {}
     tokens = lambda rows: sum(sum(t.column(c).to_pylist()) for t in rows.values() for c in t.column_names  # noqa: E731
                               if c.endswith("_tokens"))  # fmt: skip
     spent_tokens = 0
+    what = ", ".join(f"{label} ({len(eval_examples(sub))})" for label, sub in cfg.entries()) if cfg.tasks else \
+        f"{len(eval_examples(cfg))} {cfg.eval.split} inputs: {', '.join(p.label for p in base)}"  # fmt: skip
     with ray_session(cfg, run.root):
-        log(f"eval: base model, {len(examples)} {cfg.eval.split} inputs: {', '.join(p.label for p in base)}"
+        log(f"eval: base model, {what}"
             + (f"; no harm: {', '.join(o.label for o in cfg.eval.no_harm)}" if cfg.eval.no_harm else ""))  # fmt: skip
         cost = _cost_so_far(cfg, run, "eval")
         base_group = _eval_group(run, eval_systems(cfg, "base", model), log, cost)
         spent_tokens += tokens(base_group)
-        base_rows = base_group["base"]
-        for label in ("system1", "system2") if cfg.eval.system2 else ("system1",):
-            results[label] = score_pass(base_rows, label, cfg.task, swapped=swap)
-        distilled_rows, distilled_group = None, {}
+        distilled_group = {}
         if run.model_ready():
             log("eval: distilled model, System 1 prompt")
             marker = run.model / TRAINED_FROM
@@ -466,24 +558,35 @@ def evaluate(cfg: JobConfig, run: RunDir, log=print) -> dict:
             model_id = {"trained": trained} if trained else {"unknown": uuid.uuid4().hex}
             distilled_group = _eval_group(run, eval_systems(cfg, "distilled", run.model, model_id), log, cost)
             spent_tokens += tokens(distilled_group)
-            distilled_rows = distilled_group["distilled"]
-            results["distilled"] = score_pass(distilled_rows, "distilled", cfg.task, swapped=swap)
         else:
             log("eval: no trained model in this run directory; skipping the distilled system")
-    out = {"task": cfg.task.name, "method": cfg.method.name, "split": cfg.eval.split, "metric": cfg.task.metric}
-    out.update(results)
     info = run.read_run()
     skipped = info.get("stages", {}).get("train", {}).get("skipped")
-    scores = {label: correctness(base_rows, label, cfg.task) for label in results if label != "distilled"}
-    if distilled_rows is not None:
-        scores["distilled"] = correctness(distilled_rows, "distilled", cfg.task)
-    out["paired"] = paired_tests(aligned(scores))
-    out["distillability"] = distillability(results, out["paired"], cfg.task.metric, skipped)
-    out["fidelity"] = fidelity(base_rows, distilled_rows)
     spent = sum(info.get("stages", {}).get(s, {}).get("device_hours", 0.0) for s in ("generate", "train"))
-    out["break_even"] = break_even(results, spent, max(cfg.engine.gpus_per_engine, 1), cfg.cost.device_hour_price,
-                                   cfg.cost.currency)  # fmt: skip
-    out["examples"] = examples_of(base_rows, distilled_rows, cfg.task)
+    per_task = {}
+    for label, sub in cfg.entries():
+        name = (lambda which: which) if not cfg.tasks else (lambda which, label=label: f"{label}-{which}")
+        per_task[label] = _task_result(sub, base_group[name("base")], distilled_group.get(name("distilled")), skipped)
+    price, currency = cfg.cost.device_hour_price, cfg.cost.currency
+    if not cfg.tasks:
+        out = {**per_task[cfg.task.name], "split": cfg.eval.split}
+        out["break_even"] = break_even(out, spent, max(cfg.engine.gpus_per_engine, 1), price, currency)
+    else:
+        verdicts = "; ".join(f"{label}: {r['distillability']['verdict']}" for label, r in per_task.items())
+        out = {"task": "pipeline", "method": "per task", "split": cfg.eval.split, "metric": cfg.task.metric,
+               "distillability": {"verdict": "per task", "text": f"Per task: {verdicts}."}}  # fmt: skip
+        # One request of the pipeline: one answer of each task.
+        summed = {k: {"seconds": sum(r[k]["seconds"] / r[k]["n"] for r in per_task.values()), "n": 1,
+                      "mean_generated_tokens": sum(r[k]["mean_generated_tokens"] for r in per_task.values())}
+                  for k in ("system1", "system2", "distilled") if all(k in r for r in per_task.values())}  # fmt: skip
+        out["break_even"] = break_even(summed, spent, max(cfg.engine.gpus_per_engine, 1), price, currency)
+        if out["break_even"]:
+            out["break_even"]["per"] = "pipeline request (one answer of each task)"
+    out["tasks"] = {label: {k: r[k] for k in ("task", "method", "metric", "system1", "system2", "distilled", "paired",
+                                              "distillability", "fidelity") if k in r}
+                    for label, r in per_task.items()}  # fmt: skip
+    for entry in out["tasks"].values():
+        entry["verdict"] = entry["distillability"]["verdict"]
     if cfg.eval.no_harm:
         out["no_harm"] = {o.label: no_harm(o.task, o.method, base_group[f"no_harm-{o.label}-base"],
                                            distilled_group.get(f"no_harm-{o.label}-distilled"))
@@ -491,15 +594,36 @@ def evaluate(cfg: JobConfig, run: RunDir, log=print) -> dict:
     atomic_write_json(run.eval_json, out)
     _record(cfg, run, "eval", {"seconds": time.perf_counter() - started, "tokens": spent_tokens}, log)
     tracking.evaluation(cfg, run, out, log)
-    log(f"eval: {out['distillability']['text']}")
-    if out["fidelity"] and "distilled" in out["fidelity"]:
-        fid = out["fidelity"]
-        log(f"eval: fidelity to System 2's answers: distilled {fid['distilled']:.0%}, base System 1 {fid['system1']:.0%}, "
-            f"chance {fid['distilled_baseline']:.0%} (n={fid['n']} inputs where System 2 answered): {fid['verdict']}")  # fmt: skip
+    for label, r in per_task.items():
+        where = f"eval {label}" if cfg.tasks else "eval"
+        log(f"{where}: {r['distillability']['text']}")
+        fid = r["fidelity"]
+        if fid and "distilled" in fid:
+            log(f"{where}: fidelity to System 2's answers: distilled {fid['distilled']:.0%}, base System 1 "
+                f"{fid['system1']:.0%}, chance {fid['distilled_baseline']:.0%} (n={fid['n']} inputs where System 2 "
+                f"answered): {fid['verdict']}")  # fmt: skip
     if out["break_even"]:
         log(f"eval: {out['break_even']['text']}")
     for label, entry in out.get("no_harm", {}).items():
         log(f"eval: no harm on {label}: {entry['text']}")
+    return out
+
+
+def _task_result(cfg: JobConfig, base_rows: pa.Table, distilled_rows: pa.Table | None, skipped: str | None) -> dict:
+    """One task's scores, paired tests, verdict, fidelity and examples."""
+    swap = cfg.task.has_perturbation
+    results = {label: score_pass(base_rows, label, cfg.task, swapped=swap)
+               for label in (("system1", "system2") if cfg.eval.system2 else ("system1",))}  # fmt: skip
+    if distilled_rows is not None:
+        results["distilled"] = score_pass(distilled_rows, "distilled", cfg.task, swapped=swap)
+    out = {"task": cfg.task.name, "method": cfg.method.name, "metric": cfg.task.metric, **results}
+    scores = {label: correctness(base_rows, label, cfg.task) for label in results if label != "distilled"}
+    if distilled_rows is not None:
+        scores["distilled"] = correctness(distilled_rows, "distilled", cfg.task)
+    out["paired"] = paired_tests(aligned(scores))
+    out["distillability"] = distillability(results, out["paired"], cfg.task.metric, skipped)
+    out["fidelity"] = fidelity(base_rows, distilled_rows)
+    out["examples"] = examples_of(base_rows, distilled_rows, cfg.task)
     return out
 
 
@@ -620,7 +744,7 @@ def run_all(cfg: JobConfig, run: RunDir, log=print, retry_failed: bool = False) 
                     raise S2DError("--retry-failed is for sequential runs: run `s2d generate --retry-failed` first")
                 generate_and_train(cfg, run, log)
             else:
-                generate(cfg, run, log, retry_failed, with_base_eval=True)
+                (generate_tasks if cfg.tasks else generate)(cfg, run, log, retry_failed, with_base_eval=True)
                 train(cfg, run, log)
         except EmptyDistillSet as err:
             # Still worth evaluating System 1 and System 2; the report says why there is no model.

@@ -208,11 +208,13 @@ def _prompt_mode(cfg, tokenizer) -> str:
 
 
 def prompt_findings(cfg, facts: ModelFacts) -> list[str]:
-    """For the first input of each stage: the prompt's token count and its leading BOS
-    tokens, as the engines and the trainer will see it."""
+    """For the first input of each stage (of each task of a pipeline): the prompt's token
+    count and its leading BOS tokens, as the engines and the trainer will see it."""
     tok = facts.tokenizer
     if tok is None:
         return ["prompts: not tokenized here (the model folder is not reachable)"]
+    if cfg.tasks:
+        return [f"{label}: {line}" for label, sub in cfg.entries() for line in prompt_findings(sub, facts)]
     from s2d_ray.methods import render
 
     out = []

@@ -220,6 +220,25 @@ def _paired(tests: dict | None) -> str:
             + _table(["comparison", "first", "second", "only the first right", "only the second right", "p", "n"], rows))
 
 
+def _tasks(evals: dict, gen: dict) -> str:
+    """A pipeline's tasks side by side: each task's systems, verdict, fidelity and set."""
+    rows = []
+    for label, t in evals.get("tasks", {}).items():
+        metric = t.get("metric", "accuracy")
+        cell = lambda k: f"{100 * t[k][metric]:.1f}% / {t[k]['mean_generated_tokens']:.1f} tok" if k in t else ""  # noqa: E731
+        fid = t.get("fidelity") or {}
+        fidelity = (f"{100 * fid['distilled']:.0f}% (chance {100 * fid['distilled_baseline']:.0f}%): {fid['verdict']}"
+                    if "verdict" in fid else "")  # fmt: skip
+        kept = gen.get("tasks", {}).get(label, {})
+        div = kept.get("diversity") or {}
+        kept_text = f"{kept.get('kept', '')}/{kept.get('inputs', '')}" + (" (dominated)" if div.get("dominated") else "")
+        rows.append([html.escape(label), html.escape(f"{t['task']}, {t['method']}"), kept_text, cell("system1"),
+                     cell("system2"), cell("distilled"), html.escape(t["distillability"]["text"]), html.escape(fidelity)])
+    return ("<p>One model distilled on every task below; each task evaluated on its own test inputs, each comparison "
+            "paired on those inputs (McNemar's exact test).</p>"
+            + _table(["task", "what", "kept", "System 1", "System 2", "distilled", "verdict", "fidelity (chance)"], rows))
+
+
 def _no_harm(entries: dict | None) -> str:
     if not entries:
         return ("<p>No no-harm tasks were evaluated (<code>eval.no_harm</code>): nothing says what distillation "
@@ -308,6 +327,12 @@ def render(run: RunDir) -> str:
         for name, p in predicted.items()
     ]
     verdict = evals.get("distillability", {}).get("text", "Not evaluated yet.")
+    single = f"""<h2>Systems</h2>
+{_table(headers, rows)}
+{_scatter(systems, metric) if systems else ''}
+{_paired(evals.get("paired"))}
+<h2>Did the distilled model take on System 2's behaviour?</h2>
+{_fidelity(evals.get("fidelity"))}"""
     notes = []
     if embedded:
         notes.append(
@@ -396,12 +421,7 @@ table.ex .out {{ color: #555; font-size: .8rem; white-space: pre-wrap; max-heigh
 Evaluated on the <b>{html.escape(str(evals.get('split', '')))}</b> split.</p>
 <p class="verdict">{html.escape(verdict)}</p>
 {''.join(f'<p class="note">{n}</p>' for n in notes)}
-<h2>Systems</h2>
-{_table(headers, rows)}
-{_scatter(systems, metric) if systems else ''}
-{_paired(evals.get("paired"))}
-<h2>Did the distilled model take on System 2's behaviour?</h2>
-{_fidelity(evals.get("fidelity"))}
+{single if evals.get("task") != "pipeline" else "<h2>Tasks</h2>" + _tasks(evals, gen)}
 <h2>When does distillation pay?</h2>
 {_break_even(evals.get("break_even"))}
 <h2>No harm elsewhere?</h2>

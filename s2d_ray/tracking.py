@@ -137,7 +137,10 @@ def stage(cfg: JobConfig, run: RunDir, name: str, data: dict, log=print) -> None
 
 def evaluation(cfg: JobConfig, run: RunDir, result: dict, log=print) -> None:
     """Every system's scores and the fidelity; the report and the run's records as artifacts."""
-    figures = {k: v for k, v in result.items() if k in ("system1", "system2", "distilled", "fidelity") and v}
+    systems = ("system1", "system2", "distilled", "fidelity")
+    figures = {k: v for k, v in result.items() if k in systems and v}
+    if result.get("task") == "pipeline":  # each task's, by label
+        figures = {label: {k: v for k, v in t.items() if k in systems and v} for label, t in result["tasks"].items()}
     _safely(cfg, run, log, "the evaluation", lambda ml: ml.metrics(_numbers(figures, "eval.")))
 
 

@@ -51,8 +51,12 @@ def run_passes(examples: list[Example], stage: EngineStage, out_dir: Path, *, bu
         tag = uuid.uuid4().hex[:8]
         health = engine_health(engine)
         total = len(todo) + sum(len(t) for t, _, _ in extra)
-        others = sum(len(t) for t, _, _ in extra)
-        log(f"engines: {len(todo)} inputs" + (f" (and {others} of eval/ with the same engines)" if others else "")
+        others: dict[str, int] = {}
+        for t, _, f in extra:
+            if t:
+                others[f.parent.name] = others.get(f.parent.name, 0) + len(t)
+        also_text = ", ".join(f"{n} of {where}/" for where, n in others.items())
+        log(f"engines: {len(todo)} inputs" + (f" (and {also_text} with the same engines)" if others else "")
             + f" in batches of {batch_rows(total, engine)}, up to {engine.concurrency[1]} engine(s) holding "
             f"{engine.batches_per_engine} batch(es) each")  # fmt: skip
         ds = generation_dataset(todo, stage, tag=tag, health=health, also=[(t, st) for t, st, _ in extra])

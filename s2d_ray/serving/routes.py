@@ -61,14 +61,16 @@ def choose_mode(correct: dict[str, list[bool]]) -> tuple[str, str, dict]:
     return "system1", why + ("; the distilled model was worse: " + "; ".join(lost) if lost else ""), figures
 
 
-def _scores(run: RunDir, cfg: JobConfig) -> dict[str, list[bool]] | None:
-    """Per-input correctness of each evaluated system on the run's test inputs, aligned."""
+def _scores(run: RunDir, cfg: JobConfig, prefix: str = "") -> dict[str, list[bool]] | None:
+    """Per-input correctness of each evaluated system on the run's test inputs, aligned
+    (`prefix`: a pipeline task's folders, eval/LABEL-base/ ...)."""
     from s2d_ray.generation import load_results
 
-    base = load_results(run.eval_dir / "base") if (run.eval_dir / "base").exists() else None
+    folder = lambda which: run.eval_dir / f"{prefix}{which}"  # noqa: E731
+    base = load_results(folder("base")) if folder("base").exists() else None
     if base is None:
         return None
-    distilled = load_results(run.eval_dir / "distilled") if (run.eval_dir / "distilled").exists() else None
+    distilled = load_results(folder("distilled")) if folder("distilled").exists() else None
     scores = {name: correctness(table, name, cfg.task)
               for name, table in (("system1", base), ("system2", base), ("distilled", distilled))
               if table is not None and f"{name}_answers" in table.column_names}  # fmt: skip
@@ -76,7 +78,15 @@ def _scores(run: RunDir, cfg: JobConfig) -> dict[str, list[bool]] | None:
 
 
 def load_route(run_dir: str | Path, override: str | None = None) -> Route:
-    """The route of one finished run directory; `override`: a mode chosen by hand."""
+    """The route of one finished single-task run directory (the first task's of a
+    pipeline); `override`: a mode chosen by hand."""
+    route = load_run(run_dir)[0]
+    return route if override is None else overridden(route, override)
+
+
+def load_run(run_dir: str | Path) -> list[Route]:
+    """The routes of one finished run directory: one, named by its job; a pipeline's, one
+    per task on the one distilled model, named JOB.LABEL."""
     from s2d_ray.models import resolve_model
 
     run = RunDir(run_dir)
@@ -90,17 +100,20 @@ def load_route(run_dir: str | Path, override: str | None = None) -> Route:
     models = {"base": str(resolve_model(cfg.model.name, cfg.model.path))}
     if run.model_ready():
         models["distilled"] = str(run.model)
-    scores = _scores(run, cfg)
-    if scores:
-        mode, why, figures = choose_mode(scores)
-        chosen_by = "evaluation"
-    else:
-        mode, figures, chosen_by = "system1", {}, "no evaluation"
-        why = "this run has no evaluation (run `s2d eval`); System 1 until one says otherwise"
-    if mode == "distilled" and "distilled" not in models:  # evaluated, then model/ removed
-        mode, why = "system1", why + "; but model/ is gone"
-    route = Route(cfg.name, str(run.root), cfg, mode, why, models, figures, chosen_by)
-    return route if override is None else overridden(route, override)
+    routes = []
+    for label, sub in cfg.entries():
+        scores = _scores(run, sub, f"{label}-" if cfg.tasks else "")
+        if scores:
+            mode, why, figures = choose_mode(scores)
+            chosen_by = "evaluation"
+        else:
+            mode, figures, chosen_by = "system1", {}, "no evaluation"
+            why = "this run has no evaluation (run `s2d eval`); System 1 until one says otherwise"
+        if mode == "distilled" and "distilled" not in models:  # evaluated, then model/ removed
+            mode, why = "system1", why + "; but model/ is gone"
+        name = f"{cfg.name}.{label}" if cfg.tasks else cfg.name
+        routes.append(Route(name, str(run.root), sub, mode, why, dict(models), figures, chosen_by))
+    return routes
 
 
 def overridden(route: Route, mode: str) -> Route:
@@ -113,7 +126,7 @@ def overridden(route: Route, mode: str) -> Route:
 
 
 def load_routes(run_dirs: list[str], overrides: dict[str, str]) -> list[Route]:
-    routes = [load_route(d) for d in run_dirs]
+    routes = [r for d in run_dirs for r in load_run(d)]
     names = [r.name for r in routes]
     for name in names:
         if names.count(name) > 1:

@@ -1,6 +1,7 @@
 """Well-formed answers, paired verdicts, the distillation set's diversity and the break-even."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -11,6 +12,8 @@ from s2d_ray.generation import Pass, diversity, run_batch, vote_batch
 from s2d_ray.methods import METHODS
 from s2d_ray.tasks import CoinFlip, LastLetter, Pairwise, TriviaQA
 from tests.unit.test_methods import FakeEngine
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # --- well-formed answers ---------------------------------------------------------------------
 
@@ -175,3 +178,40 @@ def test_no_harm_settings_are_checked_with_one_line(tmp_path):
         with pytest.raises(ConfigError) as err:
             load_config(job)
         assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+# --- pipelines -------------------------------------------------------------------------------
+
+
+def test_a_pipeline_job_gives_each_task_its_method_and_filter():
+    from s2d_ray.config import load_config
+    from s2d_ray.estimate import estimate
+
+    cfg = load_config(ROOT / "jobs" / "local" / "pipeline.yaml")
+    entries = cfg.entries()
+    assert [(label, sub.task.name, sub.method.name, sub.filter.name) for label, sub in entries] == [
+        ("trivia", "triviaqa", "s2a", "usc"), ("last_letter", "last_letter", "rar2", "majority"),
+        ("coin_flip", "coin_flip", "rar2", "majority")]  # fmt: skip
+    assert cfg.task.name == "triviaqa" and cfg.tasks[2].cap == 8  # the top level mirrors the first task
+    est = estimate(cfg)["stages"]
+    assert est["generate"]["inputs"] == 16 * 3 and est["eval"]["inputs"] == 16 * 3  # summed over the tasks
+    paper = load_config(ROOT / "jobs" / "paper" / "pipeline-70b.yaml")
+    assert {sub.filter.samples for _, sub in paper.entries()} == {20, 8} and paper.eval.no_harm[0].method == "cot"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("task: {name: coin_flip}\ntasks:\n  - task: {name: last_letter}\n", "give task inside each task"),
+    ("tasks:\n  - task: {name: coin_flip}\n  - task: {name: coin_flip}\n", "two tasks labelled 'coin_flip'"),
+    ("tasks:\n  - task: {name: coin_flip}\n  - {task: {name: last_letter}, filter: {name: swap}}\n",
+     "tasks last_letter: filter swap needs a task with swappable inputs"),
+    ("tasks:\n  - task: {name: coin_flip}\ntrain: {streaming: true, steps: 2}\n", "train.streaming trains on one task's stream"),
+])  # fmt: skip
+def test_bad_pipelines_are_one_clear_line(tmp_path, text, message):
+    from s2d_ray.config import load_config
+    from s2d_ray.errors import ConfigError
+
+    job = tmp_path / "job.yaml"
+    job.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(job)
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
