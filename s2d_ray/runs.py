@@ -35,9 +35,9 @@ def summarize(run: Path, root: Path) -> dict:
     gen = stages.get("generate", {})
     done = [s for s in ("generate", "train", "eval") if s in stages]
     row.update(
-        task=cfg.get("task", {}).get("name", "?"),
-        method=cfg.get("method", {}).get("name", "?"),
-        filter=cfg.get("filter", {}).get("name", "?"),
+        task=cfg.get("task", {}).get("name", "?") if not cfg.get("tasks") else f"{len(cfg['tasks'])} tasks",
+        method=cfg.get("method", {}).get("name", "?") if not cfg.get("tasks") else "per task",
+        filter=cfg.get("filter", {}).get("name", "?") if not cfg.get("tasks") else "per task",
         model=cfg.get("model", {}).get("name", "?"),
         reached=done[-1] if done else "started",
         kept=f"{gen['kept']}/{gen['inputs']}" if "kept" in gen else "",

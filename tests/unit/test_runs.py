@@ -50,3 +50,15 @@ def test_a_missing_folder_is_one_line(tmp_path, capsys):
     assert exit_.value.code == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("s2d: error:") and "no such folder" in err and "\n" not in err
+
+
+def test_a_pipeline_run_shows_its_tasks_and_its_break_even(tmp_path, capsys):
+    evals = {"task": "pipeline", "metric": "accuracy", "distillability": {"verdict": "per task"},
+             "break_even": {"requests": 246, "status": "pays"}}  # fmt: skip
+    _run(tmp_path / "pipe", stages=("generate", "train", "eval"), evals=evals)
+    info = json.loads((tmp_path / "pipe" / "run.json").read_text())
+    info["config"]["tasks"] = [{"task": {"name": "triviaqa"}}, {"task": {"name": "coin_flip"}}]
+    (tmp_path / "pipe" / "run.json").write_text(json.dumps(info))
+    main(["runs", str(tmp_path)])
+    row = next(line for line in capsys.readouterr().out.splitlines() if "pipe" in line)
+    assert "2 tasks" in row and "per task" in row and "246 requests" in row
