@@ -9,9 +9,9 @@
 (2) The `distilled` and `system2` routes on the same inputs: tokens per answer, latency,
     requests/s and money per 1,000 requests at the job's price (`--price` overrides).
 
-    .venv/bin/python bench/serve.py [--run runs/local-last-letter] [--requests 256] [--rounds 3]
+    .venv/bin/python bench/serve.py [--run runs/local-triviaqa] [--requests 256] [--rounds 3]
 
-The run directory must hold a trained model/ (`make run` writes runs/local-last-letter).
+The run directory must hold a trained model/ (`make run` writes runs/local-triviaqa).
 Last line: RESULT throughput_ratio=... p99_ratio=... tokens_distilled=... tokens_system2=... ...
 """
 
@@ -112,7 +112,7 @@ def main() -> None:
     from s2d_ray.serving.routes import load_route
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", default=str(ROOT / "runs" / "local-last-letter"))
+    ap.add_argument("--run", default=str(ROOT / "runs" / "local-triviaqa"))
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
