@@ -443,6 +443,9 @@ class JobConfig(Strict):
         if self.train.micro_batch_tokens is not None and self.train.micro_batch_tokens < self.train.max_seq_len:
             raise ValueError(f"train.micro_batch_tokens {self.train.micro_batch_tokens} < train.max_seq_len "
                              f"{self.train.max_seq_len}: a row of the longest length would not fit alone")  # fmt: skip
+        if self.tasks and self.budget.tokens:
+            raise ValueError("budget.tokens counts one task's tokens; a job with tasks: takes budget.money "
+                             "(the generation stage's device time, every task included)")  # fmt: skip
         if self.train.streaming and self.tasks:
             raise ValueError("train.streaming trains on one task's stream; a job with tasks: runs its stages in turn")
         if self.train.streaming and (self.budget.tokens or self.budget.money):

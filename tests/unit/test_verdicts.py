@@ -205,6 +205,7 @@ def test_a_pipeline_job_gives_each_task_its_method_and_filter():
     ("tasks:\n  - task: {name: coin_flip}\n  - {task: {name: last_letter}, filter: {name: swap}}\n",
      "tasks last_letter: filter swap needs a task with swappable inputs"),
     ("tasks:\n  - task: {name: coin_flip}\ntrain: {streaming: true, steps: 2}\n", "train.streaming trains on one task's stream"),
+    ("tasks:\n  - task: {name: coin_flip}\nbudget: {tokens: 1000}\n", "a job with tasks: takes budget.money"),
 ])  # fmt: skip
 def test_bad_pipelines_are_one_clear_line(tmp_path, text, message):
     from s2d_ray.config import load_config
