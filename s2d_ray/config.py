@@ -226,6 +226,12 @@ class TrainConfig(Strict):
         return self
 
 
+def _distinct_labels(labels: list[str], what: str) -> None:
+    for label in labels:
+        if labels.count(label) > 1:
+            raise ValueError(f"two {what} labelled {label!r}: give each a distinct label")
+
+
 class NoHarmConfig(Strict):
     """A task the model was not distilled on, scored on the base and the distilled model
     (System 1, and System 2 with `method`) to show what distillation cost elsewhere."""
@@ -253,10 +259,7 @@ class EvalConfig(Strict):
     @field_validator("no_harm")
     @classmethod
     def _distinct(cls, value: list[NoHarmConfig]):
-        labels = [v.label for v in value]
-        for label in labels:
-            if labels.count(label) > 1:
-                raise ValueError(f"two no-harm tasks labelled {label!r}: give each a distinct label")
+        _distinct_labels([v.label for v in value], "no-harm tasks")
         return value
 
 
@@ -416,6 +419,11 @@ class JobConfig(Strict):
                 data[key] = first.get(key, {})
         return data
 
+    def eval_name(self, label: str, which: str) -> str:
+        """The eval/ folder of a task's evaluation on one model ("base", "distilled"):
+        eval/base/ for a single-task job, eval/LABEL-base/ for a pipeline's task."""
+        return f"{label}-{which}" if self.tasks else which
+
     def entries(self) -> list[tuple[str, "JobConfig"]]:
         """(label, a job of this task alone) for each task: one entry for a single-task job."""
         if not self.tasks:
@@ -425,10 +433,7 @@ class JobConfig(Strict):
 
     @model_validator(mode="after")
     def _cross(self):
-        labels = [e.label for e in self.tasks]
-        for label in labels:
-            if labels.count(label) > 1:
-                raise ValueError(f"two tasks labelled {label!r}: give each a distinct label")
+        _distinct_labels([e.label for e in self.tasks], "tasks")
         for label, sub in self.entries()[1:]:
             try:
                 sub._one_task()

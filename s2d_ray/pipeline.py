@@ -123,11 +123,7 @@ def generate(cfg: JobConfig, run: RunDir, log=print, retry_failed: bool = False,
                          log=log, also=[(ex, st, tmp) for _, ex, st, _, tmp in pending],
                          title="generate" + (" + base eval" if pending else ""),
                          cost=_cost_so_far(cfg, run, "generate"))  # fmt: skip
-        for (name, _, _, source, tmp), complete in zip(pending, did["also_complete"]):
-            if complete:
-                _install_eval(run, name, tmp, source)
-            else:  # stopped by the budget: evaluation will run it on its own
-                shutil.rmtree(tmp, ignore_errors=True)
+        _settle(run, pending, did["also_complete"])
     extra = {"generated_now": did["generated"], "resumed": did["skipped"], "engine_restarts": len(did["engine_restarts"])}
     return _finish_generation(cfg, run, examples, passes, started, log, budget_stop=did["budget_stop"], **extra)
 
@@ -164,20 +160,16 @@ def generate_tasks(cfg: JobConfig, run: RunDir, log=print, retry_failed: bool = 
         did = run_passes(examples, stage, folder, budget=_budget(cfg, run), log=log,
                          also=[*rest, *[(ex, st, tmp) for _, ex, st, _, tmp in pending]],
                          title="generate" + (" + base eval" if pending else ""), cost=_cost_so_far(cfg, run, "generate"))  # fmt: skip
-        for (name, _, _, source, tmp), complete in zip(pending, did["also_complete"][len(rest):]):
-            if complete:
-                _install_eval(run, name, tmp, source)
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
+        _settle(run, pending, did["also_complete"][len(rest):])
     per_task, parts = {}, []
-    for label, sub, examples, passes, folder, _ in plans:
+    for entry, (label, sub, examples, passes, folder, _) in zip(cfg.tasks, plans):
         table = _job_rows(folder, examples)
         if table is None:  # stopped (budget) before this task's first part
             log(f"generate {label}: nothing generated yet")
             continue
         distill, stats = _distill_set(table, sub.task)
         stats.update(_generation_figures(table, passes, sub.filter.samples))
-        cap = next(e.cap for e in cfg.tasks if e.label == label)
+        cap = entry.cap
         if cap is not None and distill.num_rows > cap:
             keep = sorted(random.Random(f"cap-{label}-{cfg.sampling.seed}").sample(range(distill.num_rows), cap))
             distill = distill.take(keep)
@@ -200,6 +192,16 @@ def generate_tasks(cfg: JobConfig, run: RunDir, log=print, retry_failed: bool = 
     return stats
 
 
+def _settle(run: RunDir, pending: list[tuple], complete: list[bool]) -> None:
+    """The evaluations that rode along with generation: each installed in eval/ if it
+    finished, else dropped (stopped by the budget: evaluation runs it on its own)."""
+    for (name, _, _, source, tmp), done in zip(pending, complete):
+        if done:
+            _install_eval(run, name, tmp, source)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _log_answers(stats: dict, log, label: str = "") -> None:
     """The terminal's lines on answers not voted on and on a set dominated by one answer."""
     where = f"generate {label}".rstrip()
@@ -215,7 +217,7 @@ def _log_answers(stats: dict, log, label: str = "") -> None:
 
 def _finish_generation(cfg: JobConfig, run: RunDir, examples, passes, started: float, log, budget_stop=None, **extra) -> dict:
     """From generate/ (this job's inputs only): write distill/ and record the stage's figures."""
-    table = _job_rows(run, examples)
+    table = _job_rows(run.generate, examples)
     stats = _write_distill_set(table, run, cfg.task)
     stats.update(seconds=time.perf_counter() - started, **extra)
     if budget_stop:
@@ -227,10 +229,10 @@ def _finish_generation(cfg: JobConfig, run: RunDir, examples, passes, started: f
     return stats
 
 
-def _job_rows(run: RunDir | Path, examples) -> pa.Table | None:
+def _job_rows(folder: Path, examples) -> pa.Table | None:
     """generate/ (or a pipeline task's folder) restricted to this job's inputs (a folder may
     hold rows of a larger run)."""
-    table = load_results(run.generate if isinstance(run, RunDir) else run)
+    table = load_results(folder)
     if table is None:
         return None
     return table.filter(pa.compute.is_in(table.column("id"), pa.array(sorted(e.id for e in examples))))
@@ -490,8 +492,7 @@ def eval_systems(cfg: JobConfig, which: str, model: Path | str, model_id: dict |
     out = []
     for label, sub in cfg.entries():
         main = base_eval_passes(sub) if which == "base" else eval_passes(sub, "distilled", "system1")
-        name = which if not cfg.tasks else f"{label}-{which}"
-        out.append((name, eval_examples(sub), engine_stage(sub, model, main), model_id))
+        out.append((cfg.eval_name(label, which), eval_examples(sub), engine_stage(sub, model, main), model_id))
     for other in cfg.eval.no_harm:
         passes = eval_passes(cfg, "system1", "system1", other.task)
         if other.method:
@@ -541,13 +542,15 @@ def evaluate(cfg: JobConfig, run: RunDir, log=print) -> dict:
     tokens = lambda rows: sum(sum(t.column(c).to_pylist()) for t in rows.values() for c in t.column_names  # noqa: E731
                               if c.endswith("_tokens"))  # fmt: skip
     spent_tokens = 0
-    what = ", ".join(f"{label} ({len(eval_examples(sub))})" for label, sub in cfg.entries()) if cfg.tasks else \
-        f"{len(eval_examples(cfg))} {cfg.eval.split} inputs: {', '.join(p.label for p in base)}"  # fmt: skip
+    systems = eval_systems(cfg, "base", model)
+    sizes = [len(examples) for _, examples, _, _ in systems]
+    what = ", ".join(f"{label} ({n})" for (label, _), n in zip(cfg.entries(), sizes)) if cfg.tasks else \
+        f"{sizes[0]} {cfg.eval.split} inputs: {', '.join(p.label for p in base)}"  # fmt: skip
     with ray_session(cfg, run.root):
         log(f"eval: base model, {what}"
             + (f"; no harm: {', '.join(o.label for o in cfg.eval.no_harm)}" if cfg.eval.no_harm else ""))  # fmt: skip
         cost = _cost_so_far(cfg, run, "eval")
-        base_group = _eval_group(run, eval_systems(cfg, "base", model), log, cost)
+        base_group = _eval_group(run, systems, log, cost)
         spent_tokens += tokens(base_group)
         distilled_group = {}
         if run.model_ready():
@@ -565,8 +568,8 @@ def evaluate(cfg: JobConfig, run: RunDir, log=print) -> dict:
     spent = sum(info.get("stages", {}).get(s, {}).get("device_hours", 0.0) for s in ("generate", "train"))
     per_task = {}
     for label, sub in cfg.entries():
-        name = (lambda which: which) if not cfg.tasks else (lambda which, label=label: f"{label}-{which}")
-        per_task[label] = _task_result(sub, base_group[name("base")], distilled_group.get(name("distilled")), skipped)
+        per_task[label] = _task_result(sub, base_group[cfg.eval_name(label, "base")],
+                                       distilled_group.get(cfg.eval_name(label, "distilled")), skipped)  # fmt: skip
     price, currency = cfg.cost.device_hour_price, cfg.cost.currency
     if not cfg.tasks:
         out = {**per_task[cfg.task.name], "split": cfg.eval.split}
@@ -688,7 +691,7 @@ def generate_and_train(cfg: JobConfig, run: RunDir, log=print) -> dict:
     settings = _check_resumable(cfg, run, program)
     start_run(cfg, run)
     atomic_write_json(run.generate / SETTINGS, settings)
-    earlier = _job_rows(run, examples)
+    earlier = _job_rows(run.generate, examples)
     if earlier is not None:
         log(f"resuming: {earlier.num_rows} inputs already in generate/; their kept rows are trained on first")
     done = set(earlier.column("id").to_pylist()) if earlier is not None else set()

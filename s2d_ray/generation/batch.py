@@ -35,8 +35,9 @@ def pass_run(p: Pass, task: Task, max_model_len: int):
         first = first_round(p.samples, confidence, window)
 
         def stop(samples, values) -> bool:
-            answers = [a if dropped(task, a, values) is None else None for a in map(task.extract, (s.final for s in samples))]
-            return adaptive_vote(answers, p.samples, min_agreement, confidence, window) is not None
+            answers = [task.extract(s.final) for s in samples]
+            counted = [a if dropped(task, a, values) is None else None for a in answers]  # as run_batch counts them
+            return adaptive_vote(counted, p.samples, min_agreement, confidence, window) is not None
 
         decided = stop
 

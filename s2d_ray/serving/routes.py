@@ -61,17 +61,17 @@ def choose_mode(correct: dict[str, list[bool]]) -> tuple[str, str, dict]:
     return "system1", why + ("; the distilled model was worse: " + "; ".join(lost) if lost else ""), figures
 
 
-def _scores(run: RunDir, cfg: JobConfig, prefix: str = "") -> dict[str, list[bool]] | None:
-    """Per-input correctness of each evaluated system on the run's test inputs, aligned
-    (`prefix`: a pipeline task's folders, eval/LABEL-base/ ...)."""
+def _scores(run: RunDir, cfg: JobConfig, label: str, sub: JobConfig) -> dict[str, list[bool]] | None:
+    """Per-input correctness of each evaluated system on one task's test inputs, aligned
+    (`cfg` the run's job, `sub` the task's own)."""
     from s2d_ray.generation import load_results
 
-    folder = lambda which: run.eval_dir / f"{prefix}{which}"  # noqa: E731
+    folder = lambda which: run.eval_dir / cfg.eval_name(label, which)  # noqa: E731
     base = load_results(folder("base")) if folder("base").exists() else None
     if base is None:
         return None
     distilled = load_results(folder("distilled")) if folder("distilled").exists() else None
-    scores = {name: correctness(table, name, cfg.task)
+    scores = {name: correctness(table, name, sub.task)
               for name, table in (("system1", base), ("system2", base), ("distilled", distilled))
               if table is not None and f"{name}_answers" in table.column_names}  # fmt: skip
     return aligned(scores)
@@ -102,7 +102,7 @@ def load_run(run_dir: str | Path) -> list[Route]:
         models["distilled"] = str(run.model)
     routes = []
     for label, sub in cfg.entries():
-        scores = _scores(run, sub, f"{label}-" if cfg.tasks else "")
+        scores = _scores(run, cfg, label, sub)
         if scores:
             mode, why, figures = choose_mode(scores)
             chosen_by = "evaluation"
