@@ -1,9 +1,15 @@
 """The whole pipeline on a model folder with Llama-2-chat's conventions (its tokenizer adds
 BOS *and* its chat template writes `bos_token`; context 4096), checked at the libraries'
-boundary: what vLLM's engines are handed and what the DeepSpeed ranks train on."""
+boundary: what vLLM's engines are handed and what the DeepSpeed ranks train on.
+
+The run streams (train.streaming): the ranks train on the voted rows while the engine
+produces them, so the same run also proves that streaming keeps the run-directory
+contract. Both modes tokenize through one function (training.data.tokenized); the
+sequential mode's boundary is the shared `pipeline_run` (tests/e2e/test_pipeline.py)."""
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -41,7 +47,9 @@ def boundary(tmp_path_factory):
         sampling={"temperature": 0.0, "top_p": 1.0, "max_tokens": 16},
     )  # fmt: skip
     job["engine"].update(batch_size=8, kv_cache_gib=1, max_model_len=768)
-    job["train"].update(steps=2, epochs=1.0)
+    # Streaming: 4 logical CPUs, the engine (2) and two trainer workers (1 each) at once.
+    job["train"].update(steps=2, epochs=1.0, streaming=True)
+    job["ray"] = {**job.get("ray", {}), "num_cpus": 4}
     job["eval"].update(max_tokens=12)
     path = root / "job.yaml"
     path.write_text(yaml.safe_dump(job))
@@ -79,3 +87,17 @@ def test_training_prompts_are_the_evaluated_prompts_token_for_token(boundary):
     config = json.loads((run / "model" / "tokenizer_config.json").read_text())
     template = config.get("chat_template") or (run / "model" / "chat_template.jinja").read_text()
     assert "[INST]" in template
+
+
+def test_a_streaming_run_trains_on_the_stream_and_keeps_the_run_directory_contract(boundary):
+    _, _, run = boundary
+    ids = pq.read_table(run / "generate", columns=["id"]).column("id").to_pylist()
+    assert len(ids) == 6 == len(set(ids))
+    distill = pq.read_table(run / "distill").to_pylist()
+    info = json.loads((run / "run.json").read_text())
+    assert info["stages"]["generate"]["streaming"] is True and info["stages"]["generate"]["kept"] == len(distill)
+    train = info["stages"]["train"]
+    assert train["streaming"] is True and 1 <= train["steps"] <= 2 and len(distill) >= 2
+    assert list((run / "model").glob("*.safetensors"))
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["distilled"]["n"] == 6 and "estimate" in info
