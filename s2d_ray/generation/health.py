@@ -36,7 +36,8 @@ class EngineHealth:
     def failure(self) -> str | None:
         if len(self.deaths) <= self.max_restarts:
             return None
-        return (f"engine died {len(self.deaths)} times in this stage (engine.max_restarts {self.max_restarts}); "
+        times = "once" if len(self.deaths) == 1 else f"{len(self.deaths)} times"
+        return (f"engine died {times} in this stage (engine.max_restarts {self.max_restarts}); "
                 f"last: {self.deaths[-1]}")  # fmt: skip
 
 
