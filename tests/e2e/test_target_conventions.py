@@ -4,8 +4,10 @@ boundary: what vLLM's engines are handed and what the DeepSpeed ranks train on.
 
 The run streams (train.streaming): the ranks train on the voted rows while the engine
 produces them, so the same run also proves that streaming keeps the run-directory
-contract. Both modes tokenize through one function (training.data.tokenized); the
-sequential mode's boundary is the shared `pipeline_run` (tests/e2e/test_pipeline.py)."""
+contract. The sequential mode is not instrumented here: it tokenizes through the same
+`training.data.tokenized` and `encode` (on this fixture: tests/unit/test_preflight.py,
+test_training_masks_exactly_the_ids_the_engines_are_handed) and runs whole in the shared
+`pipeline_run` (tests/e2e/test_pipeline.py)."""
 
 import json
 
