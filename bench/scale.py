@@ -53,27 +53,7 @@ JOB = ROOT / "jobs" / "local" / "last-letter-rar2.yaml"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-
-def tiny_llama(dest: Path) -> Path:
-    """A 2-layer Llama with random weights and the embedded model's tokenizer files."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from s2d_ray.models import prepare
-
-    source = prepare("smollm2")
-    tok = AutoTokenizer.from_pretrained(source)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=2048, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.float32).save_pretrained(dest)
-    for f in source.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
-            shutil.copy(f, dest / f.name)
-    return dest
+from tests.fixtures.models import tiny_llama  # noqa: E402 (after the path above)
 
 
 def settings(model: Path, inputs: int, samples: int, max_tokens: int, extra: list[str]) -> list[str]:

@@ -50,6 +50,21 @@ def overrides(*settings: str) -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer random-weight Llama on the embedded tokenizer (tests/fixtures/models.py):
+    the real engine and trainer, seconds cheaper per start and per step, for the tests
+    whose point is not what the model answers."""
+    from tests.fixtures.models import tiny_llama
+
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def on_tiny(model: Path) -> list[str]:
+    """The settings that put a job on the tiny model."""
+    return [f"model.path={model}", "model.name=tiny-llama"]
+
+
+@pytest.fixture(scope="session")
 def local_job() -> Path:
     return ROOT / "jobs" / "local" / "last-letter-rar2.yaml"
 

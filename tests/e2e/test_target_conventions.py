@@ -1,6 +1,9 @@
 """The whole pipeline on a model folder with Llama-2-chat's conventions (its tokenizer adds
 BOS *and* its chat template writes `bos_token`; context 4096), checked at the libraries'
-boundary: what vLLM's engines are handed and what the DeepSpeed ranks train on.
+boundary: what vLLM's engines are handed and what the DeepSpeed ranks train on. The
+conventions sit on the tiny random-weight Llama (the embedded vocabulary): what is checked
+is token ids, not answers, and its engine and ranks start and step in a fraction of the
+embedded model's time.
 
 The run streams (train.streaming): the ranks train on the voted rows while the engine
 produces them, so the same run also proves that streaming keeps the run-directory
@@ -32,9 +35,9 @@ def _records(folder, kind):
 
 
 @pytest.fixture(scope="module")
-def boundary(tmp_path_factory):
+def boundary(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("llama2")
-    model = make_model("llama2-chat", root / "model")
+    model = make_model("llama2-chat", root / "model", source=tiny_model)
     data = root / "reviews.jsonl"
     lines = (ROOT / "tests/fixtures/data/custom/sentiment.jsonl").read_text().splitlines()
     data.write_text("\n".join(lines[:3] + lines[-3:]) + "\n")
@@ -44,7 +47,7 @@ def boundary(tmp_path_factory):
         name="llama2-conventions",
         model={"name": "llama-2-7b-chat-fixture", "path": str(model), "dtype": "float32"},
         task={"name": "custom", "data": {"train": str(data), "test": str(data)}, "prompt_field": "text",
-              "answer_field": "label", "regex": r"(\w+)"},
+              "answer_field": "label", "regex": r"(\S+)"},  # any output is an answer: random weights answer "]]]]"
         filter={"name": "none", "samples": 1},
         sampling={"temperature": 0.0, "top_p": 1.0, "max_tokens": 16},
     )  # fmt: skip
