@@ -12,7 +12,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import s2d
+from s2d_ray.models import cache_dir
+from tests.conftest import on_tiny, s2d
 
 pytestmark = pytest.mark.e2e
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -39,7 +40,8 @@ def head(tmp_path_factory):
     )  # fmt: skip
     address = f"http://127.0.0.1:{dash}"
     client_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    client_env.update(HOME=str(home), RAY_AUTH_TOKEN=token)
+    # The embedded model where it was prepared (not converted again under the new HOME).
+    client_env.update(HOME=str(home), RAY_AUTH_TOKEN=token, S2D_CACHE=str(cache_dir().parent))
     try:
         deadline = time.time() + 120
         while s2d("jobs", "status", "none", "--address", address, env=client_env, check=False).stderr.count("cannot reach"):
@@ -50,7 +52,7 @@ def head(tmp_path_factory):
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
-def test_submit_runs_a_tiny_job_with_the_token(head, tmp_path, local_job):
+def test_submit_runs_a_tiny_job_with_the_token(head, tmp_path, local_job, tiny_model):
     address, token, env = head
     out = tmp_path / "run"
     proc = s2d(
@@ -58,6 +60,7 @@ def test_submit_runs_a_tiny_job_with_the_token(head, tmp_path, local_job):
         "--set", "task.train=2", "--set", "filter.samples=1", "--set", "sampling.max_tokens=8",
         "--set", "method.name=rar1", "--set", "engine.kv_cache_gib=1", "--set", "engine.batch_size=1",
         "--set", "budget.tokens=1",  # the budget stops generation cleanly after the first part
+        *[arg for setting in on_tiny(tiny_model) for arg in ("--set", setting)],  # the cluster is this machine
         env=env, timeout=900,
     )  # fmt: skip
     assert "submitted: raysubmit_" in proc.stdout and "SUCCEEDED" in proc.stdout
