@@ -103,7 +103,11 @@ def pipeline_run(tmp_path_factory, default_job):
     out = tmp_path_factory.mktemp("run")
     proc = s2d(
         "run", str(default_job), "--out", str(out),
+        # One trainer rank with both cores: on 2 cores two ZeRO-3 ranks take ~70 s to start
+        # and ~20 s a step against ~25 s and ~10 s (measured); the 2-rank path is the
+        # learning test's (tests/e2e/test_learning.py) and the conventions run's.
         *overrides("task.limit.train=12", "task.limit.test=6", "filter.samples=3", PIPELINE_NO_HARM,
+                   "train.workers=1", "train.cpus_per_worker=2",
                    "tracking.mlflow=true", f"tracking.uri={out}-mlruns"),
     )  # fmt: skip
     return out, proc

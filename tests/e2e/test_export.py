@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 @pytest.mark.parametrize(
     "flags, tolerance",
     # One rank: two CPU ranks in one test process abort now and then inside DeepSpeed's
-    # shared-memory comm op; the 2-rank export runs in the pipeline test under Ray Train.
+    # shared-memory comm op; the 2-rank export runs in the learning test under Ray Train.
     [([], 1e-5), (["--bf16", "--checkpointing"], 2e-2)],
     ids=["fp32", "bf16-checkpointing"],
 )

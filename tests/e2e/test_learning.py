@@ -21,7 +21,7 @@ from tests.conftest import Command, newest_log, overrides, s2d
 
 pytestmark = pytest.mark.e2e
 
-PAIRS = 10
+PAIRS = 6  # 3 rows a rank a step: a step costs ~60% of 5 rows' on 2 cores
 STEPS = 8
 
 
@@ -41,7 +41,7 @@ def test_training_survives_a_dead_rank_and_a_dead_driver_and_teaches_the_model_i
             ),
         )
     settings = overrides(
-        f"task.train={PAIRS}", f"train.steps={STEPS}", "train.lr=3e-4", "train.warmup_steps=2", "train.micro_batch_size=5",
+        f"task.train={PAIRS}", f"train.steps={STEPS}", "train.lr=3e-4", "train.warmup_steps=2", "train.micro_batch_size=3",
         "train.checkpoint_every=2", "eval.split=train", "eval.system2=false",
     )  # fmt: skip
     cmd = [str(local_job), "--out", str(tmp_path), *settings]
@@ -85,4 +85,4 @@ def test_training_survives_a_dead_rank_and_a_dead_driver_and_teaches_the_model_i
     ev = json.loads((tmp_path / "eval.json").read_text())
     assert ev["distilled"]["n"] == PAIRS
     assert ev["system1"]["accuracy"] < 0.10, ev["system1"]
-    assert ev["distilled"]["accuracy"] >= 0.90, ev["distilled"]
+    assert ev["distilled"]["accuracy"] >= 5 / PAIRS, ev["distilled"]  # at most one of its six pairs missed

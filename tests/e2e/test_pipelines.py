@@ -24,7 +24,7 @@ def _small(tmp_path):
     job["eval"]["no_harm"][0]["task"]["limit"] = {"test": 4}
     job["eval"]["max_tokens"] = 24
     job["sampling"]["max_tokens"] = 32
-    job["train"] = {**job["train"], "steps": 2}
+    job["train"] = {**job["train"], "steps": 2, "workers": 1, "cpus_per_worker": 2}  # one rank: as pipeline_run
     job["engine"] = {**job["engine"], "batch_size": 8, "kv_cache_gib": 1, "max_model_len": 768}
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(job))
