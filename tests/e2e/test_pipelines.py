@@ -1,7 +1,13 @@
 """A pipeline job (jobs/local/pipeline.yaml, made small): three tasks, each with its own
 method and filter, generated on the same engines, distilled into one model, evaluated
 each with its verdict; a no-harm task beside; every piece in eval.json and the report;
-`s2d serve`'s routes, one per task on the one model."""
+`s2d serve`'s routes, one per task on the one model.
+
+On the tiny Llama that answers every prompt "The answer is yes." (tests/conftest.py,
+`parrot_model`): what is checked is the pipeline around the answers, at a fraction of the
+embedded model's cost (118 s against 239 s). Its answers are known, so is what each
+filter keeps: every trivia input ("yes", the same in every sample), no last-letter input
+("yes" is not two letters: the well-formedness check), and of coin flip's six, its cap."""
 
 import json
 
@@ -14,8 +20,10 @@ from tests.conftest import ROOT, newest_log, s2d
 pytestmark = pytest.mark.e2e
 
 
-def _small(tmp_path):
+def _small(tmp_path, model):
     job = yaml.safe_load((ROOT / "jobs" / "local" / "pipeline.yaml").read_text())
+    job["model"] = {**job["model"], "name": "tiny-llama", "path": str(model)}
+    job["sampling"]["top_p"] = 1.0  # see tests/conftest.py on_tiny
     trivia, letters, coins = job["tasks"]
     trivia["task"]["limit"] = {"train": 6, "test": 4}
     letters["task"].update(train=4, test=4)
@@ -32,10 +40,10 @@ def _small(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory):
+def pipeline_dir(tmp_path_factory, parrot_model):
     tmp = tmp_path_factory.mktemp("pipeline")
     out = tmp / "run"
-    proc = s2d("run", str(_small(tmp)), "--out", str(out))
+    proc = s2d("run", str(_small(tmp, parrot_model)), "--out", str(out))
     return out, proc
 
 
@@ -48,7 +56,7 @@ def test_one_generation_one_distillation_set_one_model_for_three_tasks(pipeline_
         assert len(ids) == n == len(set(ids)), label
     distill = pq.read_table(out / "distill").to_pylist()
     tags = [r["task"] for r in distill]
-    assert tags.count("coin_flip") <= 2  # its cap
+    assert {t: tags.count(t) for t in set(tags)} == {"trivia": 6, "coin_flip": 2}, tags  # coin flip: its cap
     assert all(r["id"].startswith(f"{r['task']}/") for r in distill)
     gen = json.loads((out / "run.json").read_text())["stages"]["generate"]
     assert set(gen["tasks"]) == {"trivia", "last_letter", "coin_flip"} and gen["kept"] == len(distill) > 0
