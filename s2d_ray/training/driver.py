@@ -192,6 +192,10 @@ def _run_trainer(ds, steps: int, model_path: Path, storage: Path, cfg: TrainConf
             # A dead rank restarts the group from the latest checkpoint (a stream cannot be replayed).
             failure_config=FailureConfig(max_failures=0 if stream else cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            # Ray Train's workers tee every print to their stdout and also log it through the
+            # root logger, which its worker logging also sends to stdout: each rank's line
+            # twice in RUN/logs/ (ray/train/v2/_internal/logging/patch_print.py). Plain print.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
     try:
