@@ -143,6 +143,13 @@ def init_distributed(backend: str) -> None:
     """DeepSpeed on the process group Ray Train already set up (it wraps that group)."""
     import deepspeed
 
+    if backend == "gloo":
+        # On CPU, DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce op when it
+        # starts (deepspeed/comm/torch.py, build_shm_op): ~50 s on 2 cores the first time on
+        # a machine, and a C++ compiler needed. Only inference_all_reduce (tensor-parallel
+        # inference) uses it; ZeRO-3 training never does. Marked incompatible, it is skipped
+        # (deepspeed/ops/__init__.py keeps that dict, "so edits to it persist").
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=backend)
 
 

@@ -48,6 +48,7 @@ def test_the_terminal_shows_s2d_progress_and_the_log_file_everything_else(run_di
         assert line in log, line  # the ranks' and engines' output, and s2d's own lines
     assert "[repeated" not in log  # Ray's merging of identical lines is off: nothing dropped
     assert log.count("train step 2/2") == 1  # and nothing doubled (Ray Train's print patch tees)
+    assert "shm_comm" not in log  # DeepSpeed's CPU all-reduce op, never used in training, is not compiled
 
 
 def test_generate_has_every_input_once_with_samples_votes_and_tokens(run_dir):
