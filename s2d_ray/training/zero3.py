@@ -127,20 +127,18 @@ def free_port() -> int:
 def local_process_group(backend: str, rank: int = 0, world_size: int = 1, port: int | None = None) -> None:
     """torch.distributed without Ray Train (benchmarks, GPU tests): the environment
     DeepSpeed expects, then its own init."""
-    import deepspeed
-
     if port is None and "MASTER_PORT" not in os.environ:
         port = free_port()
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port) if port else os.environ["MASTER_PORT"],
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
     )  # fmt: skip
-    deepspeed.init_distributed(dist_backend=backend)
-
+    init_distributed(backend)
 
 
 def init_distributed(backend: str) -> None:
-    """DeepSpeed on the process group Ray Train already set up (it wraps that group)."""
+    """DeepSpeed's comm on the process group Ray Train already set up (it wraps that
+    group), or on the environment `local_process_group` set."""
     import deepspeed
 
     if backend == "gloo":

@@ -16,8 +16,9 @@ pytestmark = pytest.mark.e2e
 
 @pytest.mark.parametrize(
     "flags, tolerance",
-    # One rank: two CPU ranks in one test process abort now and then inside DeepSpeed's
-    # shared-memory comm op; the 2-rank export runs in the learning test under Ray Train.
+    # One rank: the 2-rank export runs in the learning test under Ray Train. (Two CPU ranks
+    # here used to abort now and then inside DeepSpeed's shared-memory comm op, which is no
+    # longer loaded: zero3.init_distributed. Not tried again.)
     [([], 1e-5), (["--bf16", "--checkpointing"], 2e-2)],
     ids=["fp32", "bf16-checkpointing"],
 )
@@ -27,6 +28,7 @@ def test_streamed_export_reloads_with_the_trainers_logits(tmp_path, flags, toler
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "shm_comm" not in proc.stdout + proc.stderr  # not compiled (~50 s): training never uses it
     model_dir = tmp_path / "model"
     shards = sorted(model_dir.glob("model-*-of-*.safetensors"))
     index = json.loads((model_dir / "model.safetensors.index.json").read_text())
