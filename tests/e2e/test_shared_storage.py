@@ -56,6 +56,9 @@ def cluster(tmp_path_factory):
 
     # `ray start` turns Ray's token authentication on: every client needs the token.
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex}
+    # SIGTERM to a node's process group takes its GCS down too, and the node then waits
+    # its whole drain timeout (30 s) for a GCS that is gone (ray/_private/node.py): no drain.
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     common = ["--num-cpus=1", "--block", "--disable-usage-stats"]
     head = _start([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", *common], env, root / "head.log")
     node = _start(["unshare", "--mount", "--propagation", "private", "sh", "-c",
