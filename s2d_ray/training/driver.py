@@ -14,7 +14,7 @@ from s2d_ray.config import TrainConfig
 from s2d_ray.errors import S2DError
 from s2d_ray.placement import FAKE_GPUS_ENV, fake_gpus, trainer_scaling
 from s2d_ray.training.checkpoints import READY, TRAIN_STATE, checkpoint_interval, finished_export
-from s2d_ray.training.data import tokenized, total_steps
+from s2d_ray.training.data import tokenized, tokenized_distill_set, total_steps
 from s2d_ray.training.loop import train_loop
 from s2d_ray.training.progress import StepWatch, read_steps
 
@@ -23,7 +23,8 @@ class EmptyDistillSet(S2DError):
     """No input passed the filter: there is nothing to fine-tune on."""
 
 
-TRAINED_FROM = ".s2d-trained-from.json"  # in model/: the inputs it was trained from (pipeline.py)
+TRAINED_FROM = ".s2d-trained-from.json"
+ROWS_PER_BLOCK = 4096  # the tokenized set's blocks in Ray's object store  # in model/: the inputs it was trained from (pipeline.py)
 
 
 def train(
@@ -39,17 +40,14 @@ def train(
     `attempt` names this training's storage under `storage` (a fingerprint of its inputs):
     a rerun with the same inputs resumes from its latest checkpoint; other attempts'
     storage is removed, so a stale checkpoint never becomes this run's result."""
+    import pandas as pd
     import ray
 
-    # Materialized up front: the distillation set is small text, and the trainer workers
-    # may hold every CPU, which would leave a lazy read waiting for ever.
-    ds = ray.data.read_parquet(str(distill_dir), columns=["id", "prompt", "target"]).materialize()
-    rows = ds.count()
+    # Tokenized once, here: the workers only batch and pad.
+    rows_df, rows = tokenized_distill_set(distill_dir, model_path, cfg, chat_template)
     if rows == 0:
         raise EmptyDistillSet("the distillation set is empty: the filter kept no input")
-    # Once, here: the workers only batch and pad.
-    ds = tokenized(ds, model_path, cfg, chat_template).materialize()
-    fitting = ds.count()
+    fitting = len(rows_df)
     too_long = rows - fitting
     if not fitting:
         raise S2DError(f"every one of the {rows} distillation rows is longer than train.max_seq_len {cfg.max_seq_len} "
@@ -59,12 +57,11 @@ def train(
             "left out (cutting them would lose the prompt's start or the answer)")  # fmt: skip
     if fitting < cfg.workers:
         # Every worker needs rows of its own; a tiny set is repeated (training cycles over
-        # its data anyway).
+        # its data anyway), in the same order.
         log(f"training: {fitting} row(s) for {cfg.workers} workers; repeating them so every worker has data")
-        ds = ray.data.from_items(ds.take_all() * math.ceil(cfg.workers / fitting))
-    # Sorted by id: every rank reads the same order and takes its own rows from it
-    # (training.data.micro_batches), the same rows on every run.
-    ds = ds.sort("id").materialize()
+        rows_df = pd.concat([rows_df] * math.ceil(cfg.workers / fitting), ignore_index=True)
+    # In id order, block after block (the ranks read with preserve_order).
+    ds = ray.data.from_pandas([rows_df.iloc[i : i + ROWS_PER_BLOCK] for i in range(0, len(rows_df), ROWS_PER_BLOCK)])
     # The ranks read it through their own executors; their progress bars, finished after
     # training by the time Ray streams them, would reach the terminal after s2d's lines.
     ds.context.enable_progress_bars = False

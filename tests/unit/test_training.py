@@ -179,3 +179,31 @@ def test_a_row_longer_than_max_seq_len_is_left_out_not_cut(tmp_path):
     out = tokenize_rows(batch, str(folder), max_len=64)
     assert list(out["id"]) == ["a"]  # cut from the left, "b" would have lost its BOS and [INST]
     assert out["input_ids"][0][0] == 1 and out["input_ids"][0][1] != 1
+
+
+def test_the_training_set_comes_in_id_order_whatever_the_parts(tmp_path):
+    """Every rank takes its rows from this order (micro_batches) on every run: it must not
+    depend on how generation wrote its parts; a crashed write's temp file is not read."""
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from s2d_ray.config import TrainConfig
+    from s2d_ray.training.data import tokenize_rows, tokenized_distill_set
+    from tests.fixtures.models import make_model
+
+    model = make_model("plain", tmp_path / "m", weights=False)
+    distill = tmp_path / "distill"
+    distill.mkdir()
+    assert tokenized_distill_set(distill, model, TrainConfig()) == (None, 0)  # nothing kept: no part
+    ids = [f"q{i:03d}" for i in range(40)]
+    shuffled = random.Random(0).sample(ids, len(ids))
+    table = lambda part: pa.table({"id": part, "prompt": [f"word {i}" for i in part], "target": ["Answer: x"] * len(part)})  # noqa: E731
+    for k in range(4):  # parts in no id order, and ids in no order within them
+        pq.write_table(table(shuffled[k * 10 : (k + 1) * 10]), distill / f"part-{k}.parquet")
+    pq.write_table(table(["q999"]), distill / ".part-9.parquet.tmp")
+    rows, n = tokenized_distill_set(distill, model, TrainConfig())
+    assert n == 40 and rows["id"].tolist() == ids
+    one = tokenize_rows(table(["q007"]).to_pandas(), str(model), TrainConfig().max_seq_len)  # as a stream's rows are
+    assert rows["input_ids"][7] == one["input_ids"][0] and rows["labels"][7] == one["labels"][0]
