@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,11 @@ def cluster(tmp_path_factory):
             proc.wait(timeout=60)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(proc.pid, signal.SIGKILL)
+    # `ray start --head` wrote its address where a later `ray.init()` without one looks for a
+    # cluster to join; stopped by a signal, not `ray stop`, it leaves it there.
+    current = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+        current.unlink()
 
 
 def test_s2d_check_names_a_run_directory_one_node_cannot_see(cluster):
