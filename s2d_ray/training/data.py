@@ -72,14 +72,12 @@ def tokenized_distill_set(distill_dir: Path, model_path: Path, cfg: TrainConfig,
     small text (measured on one core here: ~2,400 rows/s of ~120 tokens, so a paper job's
     ~20k rows take ~8 s), and a Ray Data read, tokenize and sort cost a cold worker start
     each, ~16 s on 2 cores before every training."""
-    import pyarrow.parquet as pq
+    from s2d_ray.rundir import read_parts
 
-    parts = sorted(str(p) for p in Path(distill_dir).glob("part-*.parquet"))  # not a crashed write's .tmp
-    if not parts:
+    table = read_parts(Path(distill_dir), columns=["id", "prompt", "target"])  # finished parts only
+    if table is None or not table.num_rows:
         return None, 0
-    table = pq.read_table(parts, columns=["id", "prompt", "target"]).sort_by("id")
-    if not table.num_rows:
-        return None, 0
+    table = table.sort_by("id")
     return tokenize_rows(table.to_pandas(), str(model_path), cfg.max_seq_len, chat_template), table.num_rows
 
 

@@ -23,8 +23,8 @@ class EmptyDistillSet(S2DError):
     """No input passed the filter: there is nothing to fine-tune on."""
 
 
-TRAINED_FROM = ".s2d-trained-from.json"
-ROWS_PER_BLOCK = 4096  # the tokenized set's blocks in Ray's object store  # in model/: the inputs it was trained from (pipeline.py)
+TRAINED_FROM = ".s2d-trained-from.json"  # in model/: the inputs it was trained from (pipeline.py)
+ROWS_PER_BLOCK = 4096  # the tokenized set's blocks in Ray's object store
 
 
 def train(

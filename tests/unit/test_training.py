@@ -199,7 +199,9 @@ def test_the_training_set_comes_in_id_order_whatever_the_parts(tmp_path):
     assert tokenized_distill_set(distill, model, TrainConfig()) == (None, 0)  # nothing kept: no part
     ids = [f"q{i:03d}" for i in range(40)]
     shuffled = random.Random(0).sample(ids, len(ids))
-    table = lambda part: pa.table({"id": part, "prompt": [f"word {i}" for i in part], "target": ["Answer: x"] * len(part)})  # noqa: E731
+    def table(part):
+        return pa.table({"id": part, "prompt": [f"word {i}" for i in part], "target": ["Answer: x"] * len(part)})
+
     for k in range(4):  # parts in no id order, and ids in no order within them
         pq.write_table(table(shuffled[k * 10 : (k + 1) * 10]), distill / f"part-{k}.parquet")
     pq.write_table(table(["q999"]), distill / ".part-9.parquet.tmp")
