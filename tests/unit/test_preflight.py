@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import time
 
 import pytest
@@ -166,3 +167,39 @@ def test_s2d_estimate_of_each_paper_job_states_checkpoint_size_and_cost():
         assert "828.0 GB each (51.8 GB per rank)" in line, line
         assert "GiB/s" in line
 
+
+
+def test_a_folder_that_passed_is_not_judged_again_until_a_file_in_it_changes(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from s2d_ray import preflight
+
+    monkeypatch.setenv("S2D_CACHE", str(tmp_path / "cache"))
+    folder = make_model("plain", tmp_path / "model")
+    cfg = load_config(LOCAL, [f"model.path={folder}"])
+    loads = []
+    real = preflight._tokenizer
+    monkeypatch.setattr(preflight, "_tokenizer", lambda *a: loads.append(1) or real(*a))
+    first = model_facts(cfg)
+    again = model_facts(cfg)
+    assert len(loads) == 1 and first.tokenizer is not None and again.tokenizer is None
+    assert (again.architecture, again.context, again.prompts) == (first.architecture, first.context, first.prompts)
+    assert model_facts(cfg, tokenizer=True).tokenizer is not None and len(loads) == 2  # s2d check tokenizes
+    # A rerun's check in a process of its own: transformers (and torch) are not even imported.
+    probe = (f"import sys; from s2d_ray.config import load_config; from s2d_ray.preflight import model_facts; "
+             f"model_facts(load_config({str(LOCAL)!r}, ['model.path={folder}'])); print('transformers' in sys.modules)")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.stdout.split()[-1:] == ["False"], proc.stdout + proc.stderr
+    # Any change to the folder is judged afresh, and a failed check is never remembered.
+    for i, (change, message) in enumerate(((lambda f: (f / "chat_template.jinja").unlink(), "has no chat template"),
+                            (lambda f: (f / "model.safetensors").rename(f / "weights.off"), "no weights there"),
+                            (_edit_config(architectures=["LlamaForSequenceClassification"]), "not a causal language model"))):  # fmt: skip
+        copy = tmp_path / f"copy-{i}"
+        shutil.copytree(folder, copy)
+        cfg = load_config(LOCAL, [f"model.path={copy}"])
+        model_facts(cfg)
+        change(copy)
+        for _ in range(2):
+            with pytest.raises(ModelError, match=message):
+                model_facts(cfg)
