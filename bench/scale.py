@@ -17,6 +17,12 @@ Per size (inputs of the last-letter task, RaR 2-step, majority vote over N sampl
   kill     `s2d generate` on a new run directory, killed (the whole process group,
            SIGKILL) once half the inputs are in generate/, then run again to the end;
            every input must then be in generate/ exactly once.
+  scan     (--scan-sizes, 10k and 50k inputs by default: generating them does not fit
+           this machine's time) a run directory of that many inputs laid out as s2d
+           leaves it: the largest measured run's rows, under the new inputs' ids, written
+           by s2d's part writer in blocks of the job's batch size, then merged as at a
+           stage's end (`compact`, timed); then `s2d generate` with nothing left to do,
+           timed with its peak memory, and every input checked present once.
 Sides alternate in order across sizes. Sampling uses top_p 1.0: vLLM-CPU's top-p
 sampler sorts the whole vocabulary per sequence per step, a CPU artefact that would hide
 everything else (on a GPU it is a small kernel).
@@ -194,9 +200,52 @@ def measure(size: int, model: Path, args, work: Path, log: Path) -> dict:
     return result
 
 
+def scan(size: int, source: Path, model: Path, args, work: Path, log: Path) -> dict:
+    """A finished run directory of `size` inputs as s2d leaves it, then the no-op rerun."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from s2d_ray.config import load_config
+    from s2d_ray.generation.parts import compact, load_results, uniform_types
+    from s2d_ray.rundir import write_part
+
+    job = settings(model, size, args.samples, args.max_tokens, args.overrides)
+    cfg = load_config(JOB, job)
+    examples, rows = cfg.task.examples("train"), load_results(source / "generate")
+    out = work / f"scan-{size}"
+    (out / "generate").mkdir(parents=True)
+    shutil.copy(source / "run.json", out)
+    shutil.copy(source / "generate" / "_settings.json", out / "generate")
+    block = cfg.engine.batch_size
+    started = time.perf_counter()
+    for at in range(0, size, block):
+        chunk = examples[at : at + block]
+        t = rows.take([(at + i) % rows.num_rows for i in range(len(chunk))])
+        t = t.set_column(t.schema.get_field_index("id"), "id", pa.array([e.id for e in chunk]))
+        write_part(out / "generate", uniform_types(t))
+    written = time.perf_counter() - started
+    small = len(list((out / "generate").glob("part-*.parquet")))
+    started = time.perf_counter()
+    compact(out / "generate")
+    result = {"inputs": size, "block": block, "write_s": written, "small_parts": small,
+              "compact_s": time.perf_counter() - started}  # fmt: skip
+    parts = list((out / "generate").glob("part-*.parquet"))
+    result["parts"], result["part_mib"] = len(parts), sum(p.stat().st_size for p in parts) / 2**20
+    result["resume_s"], result["driver_mib"], rc = timed(s2d(job, out), log)
+    if rc != 0:
+        fail(f"the rerun with nothing to do failed for {size} inputs (exit {rc})", log)
+    ids = pq.read_table(out / "generate", columns=["id"]).column("id").to_pylist()
+    assert len(ids) == size and len(set(ids)) == size, f"{len(ids)} rows, {len(set(ids))} ids of {size}"
+    stage = json.loads((out / "run.json").read_text())["stages"]["generate"]
+    assert stage["generated_now"] == 0 and stage["resumed"] == size, stage
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="1000,10000")
+    parser.add_argument("--sizes", default="200,1000")
+    parser.add_argument("--scan-sizes", default="10000,50000", help="no-op reruns of directories this large ('' for none)")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
@@ -228,12 +277,22 @@ def main() -> None:
                   f"{r['parts']} parts, {r['part_mib']:.1f} MiB; rerun with nothing to do {r['resume_s']:.1f} s; "
                   f"killed at {r['rows_at_kill']} of {size} inputs, finished in {r['finish_after_kill_s']:.1f} s "
                   "(every input once)\n", flush=True)  # fmt: skip
+        scans = []
+        for size in [int(s) for s in args.scan_sizes.split(",") if s] if not args.throughput_only else []:
+            r = scan(size, work / f"run-{args.sizes[-1]}", model, args, work, log)
+            scans.append(r)
+            print(f"{size} inputs, laid out as s2d leaves them: {r['small_parts']} parts of {r['block']} rows "
+                  f"written in {r['write_s']:.1f} s, merged at the stage's end in {r['compact_s']:.1f} s into "
+                  f"{r['parts']} parts ({r['part_mib']:.1f} MiB); rerun with nothing to do {r['resume_s']:.1f} s, "
+                  f"driver peak {r['driver_mib']:.0f} MiB (every input once)", flush=True)  # fmt: skip
         first, last = results[0], results[-1]
         growth = last["overhead_us"] / first["overhead_us"] if first["overhead_us"] > 0 else float("nan")
-        scan = f"{last['resume_s']:.1f}" if "resume_s" in last else "not-measured"
+        scanned = scans[-1] if scans else last
+        resume = f"{scanned['resume_s']:.1f}" if "resume_s" in scanned else "not-measured"
+        peak = max(r["driver_mib"] for r in results + scans)
         print(f"RESULT sizes={','.join(map(str, args.sizes))} ratio_largest={last['ratio']:.2f} "
-              f"overhead_growth={growth:.2f} driver_peak_mib={max(r['driver_mib'] for r in results):.0f} "
-              f"resume_scan_s={scan}")  # fmt: skip
+              f"overhead_growth={growth:.2f} driver_peak_mib={peak:.0f} resume_scan_s={resume} "
+              f"scan_inputs={scanned['inputs']}")  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

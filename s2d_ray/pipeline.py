@@ -27,8 +27,8 @@ from s2d_ray.errors import S2DError
 from s2d_ray.evaluation import (aligned, break_even, correctness, distillability, fidelity, no_harm, paired_tests,
                                 score_pass)
 from s2d_ray.evaluation import examples as examples_of
-from s2d_ray.generation import (DISTILL_SCHEMA, NO_ANSWER, EngineStage, Pass, distill_rows, diversity, drop_failed, finished_ids,
-                                load_results, run_passes)
+from s2d_ray.generation import (DISTILL_SCHEMA, NO_ANSWER, EngineStage, Pass, compact, distill_rows, diversity, drop_failed,
+                                finished_ids, load_results, run_passes)
 from s2d_ray.methods import Program
 from s2d_ray.models import resolve_model
 from s2d_ray.placement import release_engine_groups
@@ -726,6 +726,7 @@ def generate_and_train(cfg: JobConfig, run: RunDir, log=print) -> dict:
             log(f"generate: {len(left)} inputs after training stopped (train.steps reached); not trained on")
             run_passes(left, stage, run.generate, log=log, title="generate")
         restarts = len(ray.get(health.restarts.remote()))
+        compact(run.generate)  # the stream's parts, one per block, merged (run_passes does it for its own)
         _finish_generation(cfg, run, examples, passes, started, log, streaming=True, generated_now=len(todo),
                            resumed=len(done), engine_restarts=restarts)  # fmt: skip
     if empty is not None:

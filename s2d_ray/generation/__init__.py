@@ -18,14 +18,14 @@ from s2d_ray.generation.actor import GeneratorActor, engine_env
 from s2d_ray.generation.batch import NO_ANSWER, pass_run, run_batch
 from s2d_ray.generation.dataset import PartWriter, batch_rows, distillation_stream, generation_dataset, input_rows
 from s2d_ray.generation.health import EngineFailed, EngineHealth, engine_failure, engine_health
-from s2d_ray.generation.parts import drop_failed, finished_ids, load_results
+from s2d_ray.generation.parts import compact, drop_failed, finished_ids, load_results
 from s2d_ray.generation.run import run_passes
 from s2d_ray.generation.stage import EngineStage, Pass
 from s2d_ray.generation.vote import DISTILL_SCHEMA, distill_rows, diversity, vote_batch, vote_row
 
 __all__ = [
     "DISTILL_SCHEMA", "NO_ANSWER", "EngineFailed", "EngineHealth", "EngineStage", "GeneratorActor", "Pass", "PartWriter",
-    "batch_rows", "distill_rows", "distillation_stream", "diversity", "drop_failed", "engine_env", "engine_failure",
+    "batch_rows", "compact", "distill_rows", "distillation_stream", "diversity", "drop_failed", "engine_env", "engine_failure",
     "engine_health", "finished_ids", "generation_dataset", "input_rows", "load_results", "pass_run", "run_batch",
     "run_passes", "vote_batch", "vote_row",
 ]  # fmt: skip

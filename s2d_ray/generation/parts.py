@@ -1,5 +1,6 @@
 """A generation folder's Parquet parts: which ids are done (resume), failed inputs taken
-out for a retry, every part read back one row per id, and uniform column types."""
+out for a retry, every part read back one row per id, uniform column types, and the
+small parts of a finished stage merged into few."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from s2d_ray.rundir import read_parts, write_part
+from s2d_ray.rundir import fsync_dir, read_parts, write_part
+
+# A finished stage's parts (one per block: ~16 rows) are merged into parts of up to this
+# many rows or uncompressed bytes: 50k inputs are then ~7 files, not ~3,000, and every
+# later scan (a rerun, --retry-failed, evaluation, the report) opens those few.
+COMPACT_ROWS = 8192
+COMPACT_BYTES = 256 * 2**20
 
 
 def finished_ids(out_dir: Path) -> set[str]:
@@ -38,15 +45,60 @@ def drop_failed(out_dir: Path, label: str = "system2") -> int:
     return dropped
 
 
-def load_results(out_dir: Path) -> pa.Table | None:
-    """All parts of a generation folder, one row per id (first copy wins, defensively)."""
-    table = read_parts(out_dir)
-    if table is None:
-        return None
+def compact(out_dir: Path) -> int:
+    """Merge the folder's small parts (under half of COMPACT_ROWS and COMPACT_BYTES) into
+    parts of up to COMPACT_ROWS rows; returns how many parts were merged away. Run at a
+    stage's end; a writer still at work is harmless (a part appears whole, by a rename, and
+    only the parts listed here are merged). A merged part is written durably before its
+    sources are removed, and holds no id that an earlier part holds: a crash in between
+    leaves ids in two parts, which every reader takes once, and the next merge drops the
+    second copy; no row is lost."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    ids = lambda part: pq.read_table(part, columns=["id"]).column("id").to_pylist()  # noqa: E731
+    whole, groups, rows, size = [], [[]], 0, 0
+    for part in sorted(out_dir.glob("part-*.parquet")) if out_dir.is_dir() else []:
+        meta = pq.read_metadata(part)
+        nbytes = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        if meta.num_rows >= COMPACT_ROWS // 2 or nbytes >= COMPACT_BYTES // 2:
+            whole.append(part)
+            continue
+        if groups[-1] and (rows + meta.num_rows > COMPACT_ROWS or size + nbytes > COMPACT_BYTES):
+            groups.append([])
+            rows, size = 0, 0
+        groups[-1].append(part)
+        rows, size = rows + meta.num_rows, size + nbytes
+    seen: set[str] = {i for part in whole for i in ids(part)}
+    merged = 0
+    for group in filter(None, groups):
+        alone = ids(group[0]) if len(group) == 1 else None
+        if alone is not None and seen.isdisjoint(alone):  # nothing to merge it with, no copy to drop
+            seen.update(alone)
+            continue
+        table = _first_copies(pa.concat_tables([pq.read_table(p) for p in group], promote_options="default"))
+        table = table.filter(pc.invert(pc.is_in(table.column("id"), pa.array(sorted(seen), pa.string()))))
+        if table.num_rows:
+            write_part(out_dir, uniform_types(table))
+        seen.update(table.column("id").to_pylist())
+        for part in group:
+            part.unlink()
+        fsync_dir(out_dir)
+        merged += len(group)
+    return merged
+
+
+def _first_copies(table: pa.Table) -> pa.Table:
     ids = table.column("id").to_pylist()
     seen: set[str] = set()
     keep = [i for i, x in enumerate(ids) if not (x in seen or seen.add(x))]
     return table.take(keep) if len(keep) != len(ids) else table
+
+
+def load_results(out_dir: Path) -> pa.Table | None:
+    """All parts of a generation folder, one row per id (first copy wins, defensively)."""
+    table = read_parts(out_dir)
+    return None if table is None else _first_copies(table)
 
 
 def tokens_in(table: pa.Table | None, columns: list[str]) -> int:

@@ -12,7 +12,7 @@ import pyarrow as pa
 from s2d_ray.console import progress
 from s2d_ray.generation.dataset import batch_rows, generation_dataset
 from s2d_ray.generation.health import EngineFailed, engine_failure, engine_health
-from s2d_ray.generation.parts import finished_ids, tokens_in, uniform_types
+from s2d_ray.generation.parts import compact, finished_ids, tokens_in, uniform_types
 from s2d_ray.generation.stage import EngineStage, batch_job
 from s2d_ray.placement import release_engine_groups
 from s2d_ray.rundir import read_parts, write_part
@@ -91,6 +91,8 @@ def run_passes(examples: list[Example], stage: EngineStage, out_dir: Path, *, bu
             log(f"engines: {len(restarts)} restart(s), batches redone; last: {restarts[-1]}")
     if stopped:
         log(f"budget: {stopped}; stopped with {len(done) + written} of {len(examples)} inputs generated")
+    for folder in (out_dir, *(f for _, _, f in also)):  # every part was written here, by this loop
+        compact(folder)
     return {
         "generated": written, "skipped": len(done), "seconds": time.perf_counter() - started,
         "tokens": spent, "budget_stop": stopped, "engine_restarts": restarts,
