@@ -13,7 +13,7 @@ from s2d_ray.config import EngineConfig
 from s2d_ray.generation.actor import GeneratorActor, engine_env
 from s2d_ray.generation.parts import finished_ids, uniform_types
 from s2d_ray.generation.stage import EngineStage
-from s2d_ray.generation.vote import DISTILL_SCHEMA, distill_rows, vote_batch, vote_jobs
+from s2d_ray.generation.vote import DISTILL_SCHEMA, distill_rows
 from s2d_ray.placement import engine_remote_args
 from s2d_ray.rundir import write_part
 from s2d_ray.tasks import Example
@@ -35,7 +35,8 @@ def batch_rows(inputs: int, engine: EngineConfig) -> int:
 
 def generation_dataset(todo: list[Example], stage: EngineStage, *, tag: str = "", health=None,
                        also: list[tuple[list[Example], EngineStage]] = ()):  # fmt: skip
-    """The lazy Ray Data pipeline: inputs -> GeneratorActor pool (autoscaling min..max) -> vote.
+    """The lazy Ray Data pipeline: inputs -> GeneratorActor pool (autoscaling min..max),
+    whose blocks come back voted.
     `health` (an EngineHealth actor) counts the pool's engine deaths.
 
     `also`: more stages on the same model and engine settings (base-model evaluation in
@@ -69,13 +70,6 @@ def generation_dataset(todo: list[Example], stage: EngineStage, *, tag: str = ""
         ),  # fmt: skip
         **engine_remote_args(engine, engine_env(engine), tag),
     )
-    votes = [s.vote for _, s in jobs]
-    # Voting is cheap bookkeeping: it must never wait for a CPU the engines hold.
-    if also and any(v is not None for v in votes):
-        ds = ds.map_batches(vote_jobs, fn_kwargs={"votes": votes, "tasks": [s.task for _, s in jobs]}, batch_size=None,
-                            batch_format="pandas", num_cpus=0)  # fmt: skip
-    elif stage.vote is not None:
-        ds = ds.map_batches(vote_batch, fn_kwargs={**stage.vote, "task": stage.task}, batch_format="pandas", num_cpus=0)
     return ds
 
 

@@ -11,7 +11,6 @@ import pyarrow as pa
 
 from s2d_ray.config import FilterConfig
 from s2d_ray.filters import Vote, adaptive_vote, majority_vote, no_filter, swap_vote, usc_vote
-from s2d_ray.generation.stage import batch_job
 from s2d_ray.tasks import Task
 
 
@@ -47,12 +46,6 @@ def vote_batch(batch: pd.DataFrame, label: str, filt: FilterConfig, task: Task) 
     out["vote_counts"] = [json.dumps(v.counts, sort_keys=True) for v in votes]
     out["target"] = [task.target(v.answer) if v.kept else None for v in votes]
     return out
-
-
-def vote_jobs(batch: pd.DataFrame, votes: list[dict | None], tasks: list[Task]) -> pd.DataFrame:
-    """A shared pipeline's voting: each batch by its own stage's filter and task."""
-    job = batch_job(batch)
-    return vote_batch(batch, **votes[job], task=tasks[job]) if votes[job] is not None else batch
 
 
 DISTILL_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("target", pa.string())])
