@@ -150,8 +150,9 @@ def _answer(system: dict | None) -> str:
     return f'{mark} <b>{shown}</b><div class="out">{html.escape(system.get("output") or "")}</div>'
 
 
-def _examples(ex: dict | None) -> str:
-    """Test inputs side by side; radio buttons and CSS filter them (no script)."""
+def _examples(ex: dict | None, key: str = "ex") -> str:
+    """Test inputs side by side; radio buttons and CSS filter them (no script). `key`
+    names the radio group (a pipeline's report has one per task)."""
     if not ex or not ex.get("rows"):
         return "<p>No examples recorded (evaluate to see some).</p>"
     rows = []
@@ -172,12 +173,21 @@ def _examples(ex: dict | None) -> str:
     return f"""<p>Of all {ex['n']} test inputs, distillation <b>fixed {ex['fixed']}</b> (System 1 wrong, distilled right)
 and <b>broke {ex['broke']}</b> (System 1 right, distilled wrong). {shown} of them here, those first.</p>
 <div class="examples">
-<input type="radio" name="ex" id="ex-all" checked><label for="ex-all">all shown ({shown})</label>
-<input type="radio" name="ex" id="ex-fixed"><label for="ex-fixed">distillation fixed it ({fixed})</label>
-<input type="radio" name="ex" id="ex-broke"><label for="ex-broke">distillation broke it ({broke})</label>
+<input type="radio" class="ex-all" name="{key}" id="{key}-all" checked><label for="{key}-all">all shown ({shown})</label>
+<input type="radio" class="ex-fixed" name="{key}" id="{key}-fixed"><label for="{key}-fixed">distillation fixed it ({fixed})</label>
+<input type="radio" class="ex-broke" name="{key}" id="{key}-broke"><label for="{key}-broke">distillation broke it ({broke})</label>
 <table class="ex"><thead><tr><th>input</th><th>gold</th><th>System 2 (reasoning, answer)</th><th>System 1</th>
 <th>Distilled System 1</th></tr></thead><tbody>{"".join(rows)}</tbody></table>
 </div>"""
+
+
+def _task_examples(evals: dict) -> str:
+    """A pipeline's examples, task by task."""
+    tasks = evals.get("tasks", {})
+    if not tasks:
+        return "<p>No examples recorded (evaluate to see some).</p>"
+    return "".join(f"<h3>{html.escape(label)}</h3>" + _examples(t.get("examples"), key=f"ex-{i}")
+                   for i, (label, t) in enumerate(tasks.items()))  # fmt: skip
 
 
 def _fidelity(fid: dict | None) -> str:
@@ -414,7 +424,7 @@ table.ex th {{ text-align: left; }}
 table.ex td {{ text-align: left; vertical-align: top; font-size: .9rem; max-width: 16rem; overflow-wrap: anywhere; }}
 table.ex .out {{ color: #555; font-size: .8rem; white-space: pre-wrap; max-height: 8rem; overflow: auto; }}
 .ok {{ color: #2ca02c; }} .bad {{ color: #d62728; }}
-#ex-fixed:checked ~ table tr.ex-row:not(.fixed), #ex-broke:checked ~ table tr.ex-row:not(.broke) {{ display: none; }}
+.examples input.ex-fixed:checked ~ table tr.ex-row:not(.fixed), .examples input.ex-broke:checked ~ table tr.ex-row:not(.broke) {{ display: none; }}
 </style></head><body>
 <h1>{title}</h1>
 <p>Model: <code>{html.escape(str(model.get('path') or model.get('name', '')))}</code>.
@@ -429,7 +439,7 @@ Evaluated on the <b>{html.escape(str(evals.get('split', '')))}</b> split.</p>
 <h2>Tokens per input, by step</h2>
 {tokens_chart}
 <h2>Examples</h2>
-{_examples(evals.get("examples"))}
+{_examples(evals.get("examples")) if evals.get("task") != "pipeline" else _task_examples(evals)}
 <h2>Distillation set</h2>
 {filt}
 {hist_chart}

@@ -66,7 +66,7 @@ def test_the_report_shows_examples_fidelity_loss_votes_and_tokens_per_step(tmp_p
     page = render(_run_dir(tmp_path))
     assert "fixed 3</b>" in page and "broke 1</b>" in page  # over all test inputs
     assert page.count('class="ex-row fixed"') == 2 and page.count('class="ex-row broke"') == 1
-    assert 'id="ex-fixed"' in page and "#ex-fixed:checked" in page  # the filter, in CSS
+    assert 'id="ex-fixed"' in page and "input.ex-fixed:checked" in page  # the filter, in CSS
     assert "rephrased question 0" in page  # System 2's intermediate text
     assert "70.0%" in page and "20.0%" in page and "System 2's behaviour was absorbed" in page
     assert 'aria-label="loss per training step"' in page
@@ -118,6 +118,21 @@ def test_no_label_overlaps_another_in_any_chart(tmp_path):
                 for b in boxes[i + 1:]:
                     overlap = a[1] < b[3] and b[1] < a[3] and a[2] < b[4] and b[2] < a[4]
                     assert not overlap, (a, b)
+
+
+def test_a_pipelines_report_shows_each_tasks_examples_each_with_its_own_filter(tmp_path):
+    run = _run_dir(tmp_path)
+    single = json.loads(run.eval_json.read_text())
+    other = {**single, "examples": {"n": 16, "fixed": 0, "broke": 2, "rows": [_row(7, True, False), _row(8, True, False)]}}
+    run.eval_json.write_text(json.dumps({"task": "pipeline", "split": "test", "tasks": {"trivia": single, "coin": other}}))
+    page = render(run)
+    examples = page.split("<h2>Examples</h2>")[1].split("<h2>")[0]
+    assert examples.index("<h3>trivia</h3>") < examples.index("<h3>coin</h3>")
+    assert "fixed 3</b>" in examples and "broke 2</b>" in examples  # each task's own counts
+    assert examples.count('class="ex-row broke"') == 1 + 2
+    for group in ("ex-0", "ex-1"):  # one radio group per task: choosing in one leaves the other alone
+        assert examples.count(f'name="{group}"') == 3 and f'id="{group}-fixed"' in examples
+    assert "No examples recorded" not in examples
 
 
 def test_fidelity_and_examples_from_evaluation_rows():
