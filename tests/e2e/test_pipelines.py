@@ -79,6 +79,10 @@ def test_eval_json_holds_each_task_the_no_harm_check_and_the_break_even(pipeline
     assert ev["break_even"]["per"].startswith("pipeline request")
     page = (out / "report.html").read_text()
     assert "<h2>Tasks</h2>" in page and "No harm elsewhere?" in page and "coin_flip" in page
+    examples = page.split("<h2>Examples</h2>")[1].split("<h2>")[0]
+    for label in ev["tasks"]:  # each task's examples, from its own test inputs
+        assert f"<h3>{label}</h3>" in examples
+    assert examples.count('class="ex-row') == sum(len(e["examples"]["rows"]) for e in ev["tasks"].values()) > 0
 
 
 def test_each_task_is_a_route_on_the_one_model(pipeline_dir):
