@@ -104,3 +104,57 @@ def test_s2d_serve_refuses_a_folder_that_is_not_a_run_with_one_line(tmp_path):
         assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert proc.stderr.startswith("s2d: error: ") and "Traceback" not in proc.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_past_max_in_flight_a_request_is_a_503_with_retry_after_and_nothing_is_queued():
+    """The gateway's admission, on its own class: the engine replica's handle is held (a
+    stand-in that answers when released), so the requests in flight stay in flight."""
+    import asyncio
+
+    from s2d_ray.serving.app import Gateway, RequestError
+
+    class HeldEngine:
+        def __init__(self):
+            self.release, self.calls = None, 0
+
+        @property
+        def answer(self):
+            return self
+
+        def remote(self, route, mode, text, options):
+            self.calls += 1
+
+            async def wait():
+                await self.release.wait()
+                return {"text": "Answer: ee", "finish_reason": "stop", "prompt_tokens": 9, "completion_tokens": 3,
+                        "mode": mode}  # fmt: skip
+
+            return wait()
+
+    async def scenario():
+        engine = HeldEngine()
+        engine.release = asyncio.Event()
+        route = {"name": "job", "info": {"modes": ["distilled"], "mode": "distilled"}, "servers": {"distilled": "m"},
+                 "max_tokens": 64}  # fmt: skip
+        own = Gateway.func_or_class.__mro__[1]  # our class, under Serve's ASGI wrapper (whose __init__ serves HTTP)
+        gateway = own.__new__(own)
+        own.__init__(gateway, [route], {"m": engine}, None, {"max_in_flight": 3, "max_body_kib": 64})
+        body = {"model": "job", "messages": [{"role": "user", "content": "apple pie"}]}
+        held = [asyncio.ensure_future(gateway._answer(body, "apple pie", None, chat=True)) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert gateway.in_flight == 3 and engine.calls == 3
+        for _ in range(5):  # refused at once, not queued: the engine never sees them
+            try:
+                await gateway._answer(body, "apple pie", None, chat=True)
+                raise AssertionError("admitted past max_in_flight")
+            except RequestError as err:
+                assert err.status == 503 and err.headers == {"Retry-After": "1"} and err.code == "overloaded"
+        assert engine.calls == 3
+        engine.release.set()
+        answers = await asyncio.gather(*held)
+        assert all(a.status_code == 200 for a in answers) and gateway.in_flight == 0
+        engine.release = asyncio.Event()
+        engine.release.set()
+        assert (await gateway._answer(body, "apple pie", None, chat=True)).status_code == 200  # served again
+
+    asyncio.run(scenario())
