@@ -121,11 +121,19 @@ def quarantine_corrupt_parts(directory: Path, log=print) -> list[Path]:
 
 
 def read_parts(directory: Path, columns: list[str] | None = None) -> pa.Table | None:
-    """All finished parts of a directory as one table (stale temp files are ignored)."""
-    parts = sorted(directory.glob("part-*.parquet")) if directory.is_dir() else []
-    if not parts:
-        return None
-    return pa.concat_tables([pq.read_table(p, columns=columns) for p in parts], promote_options="default")
+    """All finished parts of a directory as one table (stale temp files are ignored). A
+    part merged away while this read (a stage ending in another process) is read again
+    from the listing that holds its merged part."""
+    for attempt in range(5):
+        parts = sorted(directory.glob("part-*.parquet")) if directory.is_dir() else []
+        if not parts:
+            return None
+        try:
+            return pa.concat_tables([pq.read_table(p, columns=columns) for p in parts], promote_options="default")
+        except FileNotFoundError:
+            if attempt == 4:
+                raise
+    return None
 
 
 class RunDirInUse(S2DError):
