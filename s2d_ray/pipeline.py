@@ -588,8 +588,10 @@ def evaluate(cfg: JobConfig, run: RunDir, log=print) -> dict:
     out["tasks"] = {label: {k: r[k] for k in ("task", "method", "metric", "system1", "system2", "distilled", "paired",
                                               "distillability", "fidelity") if k in r}
                     for label, r in per_task.items()}  # fmt: skip
-    for entry in out["tasks"].values():
+    for label, entry in out["tasks"].items():
         entry["verdict"] = entry["distillability"]["verdict"]
+        if cfg.tasks:  # a single task's examples are at the top, as before
+            entry["examples"] = per_task[label]["examples"]
     if cfg.eval.no_harm:
         out["no_harm"] = {o.label: no_harm(o.task, o.method, base_group[f"no_harm-{o.label}-base"],
                                            distilled_group.get(f"no_harm-{o.label}-distilled"))
