@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from s2d_ray.config import EngineConfig
 from s2d_ray.generation.actor import GeneratorActor, engine_env
-from s2d_ray.generation.parts import finished_ids, uniform_types
+from s2d_ray.generation.parts import finished_ids, uniform_types, unseen
 from s2d_ray.generation.stage import EngineStage
 from s2d_ray.generation.vote import DISTILL_SCHEMA, distill_rows
 from s2d_ray.placement import engine_remote_args
@@ -85,9 +85,7 @@ class PartWriter:
         self.written = finished_ids(self.out_dir)
 
     def write(self, table: pa.Table) -> int:
-        import pyarrow.compute as pc
-
-        new = table.filter(pc.invert(pc.is_in(table.column("id"), pa.array(sorted(self.written), pa.string()))))
+        new = unseen(table, self.written)
         if new.num_rows:
             write_part(self.out_dir, uniform_types(new))
             self.written.update(new.column("id").to_pylist())

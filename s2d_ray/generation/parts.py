@@ -53,7 +53,6 @@ def compact(out_dir: Path) -> int:
     sources are removed, and holds no id that an earlier part holds: a crash in between
     leaves ids in two parts, which every reader takes once, and the next merge drops the
     second copy; no row is lost."""
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     ids = lambda part: pq.read_table(part, columns=["id"]).column("id").to_pylist()  # noqa: E731
@@ -76,8 +75,7 @@ def compact(out_dir: Path) -> int:
         if alone is not None and seen.isdisjoint(alone):  # nothing to merge it with, no copy to drop
             seen.update(alone)
             continue
-        table = _first_copies(pa.concat_tables([pq.read_table(p) for p in group], promote_options="default"))
-        table = table.filter(pc.invert(pc.is_in(table.column("id"), pa.array(sorted(seen), pa.string()))))
+        table = unseen(pa.concat_tables([pq.read_table(p) for p in group], promote_options="default"), seen)
         if table.num_rows:
             write_part(out_dir, uniform_types(table))
         seen.update(table.column("id").to_pylist())
@@ -88,17 +86,20 @@ def compact(out_dir: Path) -> int:
     return merged
 
 
-def _first_copies(table: pa.Table) -> pa.Table:
+def unseen(table: pa.Table, seen: set[str] = frozenset()) -> pa.Table:
+    """`table`'s rows whose id is not in `seen`, the first copy of each id only; `seen` is
+    left as it is (the caller adds the ids once their rows are safely written). Linear in
+    the rows of `table`, whatever the size of `seen`."""
     ids = table.column("id").to_pylist()
-    seen: set[str] = set()
-    keep = [i for i, x in enumerate(ids) if not (x in seen or seen.add(x))]
-    return table.take(keep) if len(keep) != len(ids) else table
+    here: set[str] = set()
+    keep = [i for i, x in enumerate(ids) if x not in seen and not (x in here or here.add(x))]
+    return table.take(pa.array(keep, pa.int64())) if len(keep) != len(ids) else table
 
 
 def load_results(out_dir: Path) -> pa.Table | None:
     """All parts of a generation folder, one row per id (first copy wins, defensively)."""
     table = read_parts(out_dir)
-    return None if table is None else _first_copies(table)
+    return None if table is None else unseen(table)
 
 
 def tokens_in(table: pa.Table | None, columns: list[str]) -> int:
