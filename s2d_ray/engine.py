@@ -10,6 +10,7 @@ import gc
 import itertools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from s2d_ray.chat import prompt_ids
@@ -119,6 +120,7 @@ class Engine:
         self._ids = itertools.count()
         self._encoded: dict[str, list[int]] = {}
         self._live: set[str] = set()
+        self._streams: dict[str, Callable[[str], None]] = {}  # request id -> its text so far, each step
         # Watched from outside (stall detection): when the engine last finished a step, and
         # whether it has requests in flight.
         self.last_progress = time.monotonic()
@@ -149,14 +151,17 @@ class Engine:
 
         return SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_tokens)
 
-    def submit(self, prompt_ids: list[int], params) -> str:
+    def submit(self, prompt_ids: list[int], params, on_text: Callable[[str], None] | None = None) -> str:
         """Queue one prompt; returns its request id. A prompt the engine rejects (vLLM's
-        ValueError: too long, bad parameters) raises ValueError and queues nothing."""
+        ValueError: too long, bad parameters) raises ValueError and queues nothing.
+        `on_text` (a streamed answer): called after each step with the text so far of the
+        request's first completion, until it finishes (then `step` returns it as usual)."""
         from vllm.sampling_params import RequestOutputKind
 
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit engine.max_model_len {self.max_model_len}")
-        params.output_kind = RequestOutputKind.FINAL_ONLY
+        # Only a streamed request has vLLM build its output every step.
+        params.output_kind = RequestOutputKind.FINAL_ONLY if on_text is None else RequestOutputKind.CUMULATIVE
         rid = f"s2d-{next(self._ids)}"
         if not self._live:
             self.last_progress = time.monotonic()  # idle time is not a stall
@@ -171,6 +176,8 @@ class Engine:
         except Exception as err:  # noqa: BLE001 (classified: the engine itself failed)
             raise EngineDead(_reason(err)) from err
         self._live.add(rid)
+        if on_text is not None:
+            self._streams[rid] = on_text
         record_boundary("engine", {"ids": prompt_ids})
         return rid
 
@@ -184,9 +191,17 @@ class Engine:
         self.last_progress = time.monotonic()
         done = []
         for o in outputs:
-            if o.finished and o.request_id in self._live:
+            if o.request_id not in self._live:
+                continue
+            if o.finished:
                 self._live.discard(o.request_id)
+                self._streams.pop(o.request_id, None)
                 done.append((o.request_id, [_completion(c) for c in o.outputs]))
+            elif o.request_id in self._streams and o.outputs:
+                try:
+                    self._streams[o.request_id](o.outputs[0].text)
+                except Exception:  # noqa: BLE001 (its listener is gone: the request still finishes)
+                    del self._streams[o.request_id]
         return done
 
     def _inject_fault(self) -> None:

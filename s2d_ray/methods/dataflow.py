@@ -53,7 +53,7 @@ class Flow:
         self.engine = engine
         self._starting: list[BatchRun] = []
         self._active: list[BatchRun] = []
-        self._queue: list[tuple[str, dict, Callable, BatchRun]] = []
+        self._queue: list[tuple[str, dict, Callable, BatchRun, Callable | None]] = []
         self._waiting: dict[str, tuple[Callable, BatchRun]] = {}
         self._wake = threading.Condition()
         # Turned by a thread (`start`): the batches callers wait for, and the error that
@@ -62,9 +62,10 @@ class Flow:
         self._held: set[BatchRun] = set()
         self._held_lock = threading.Lock()
 
-    def ask(self, text: str, then: Callable, batch: BatchRun, **sampling) -> None:
+    def ask(self, text: str, then: Callable, batch: BatchRun, on_text: Callable[[str], None] | None = None, **sampling) -> None:
+        """`on_text`: the request's text so far after each engine step (a streamed answer)."""
         with self._wake:
-            self._queue.append((text, sampling, then, batch))
+            self._queue.append((text, sampling, then, batch, on_text))
             self._wake.notify()
 
     def add(self, batch: BatchRun) -> None:
@@ -89,11 +90,11 @@ class Flow:
         working = [(b, k) for b in self._active for k, left in enumerate(b.open) if left and not b.done.is_set()]
         with self._wake:
             queued, self._queue = self._queue, []
-        for text, sampling, then, batch in queued:
+        for text, sampling, then, batch, on_text in queued:
             if batch.done.is_set():  # failed meanwhile: its requests are dropped
                 continue
             try:
-                rid = self.engine.submit(self.engine.encode(text), self.engine.sampling(**sampling))
+                rid = self.engine.submit(self.engine.encode(text), self.engine.sampling(**sampling), on_text)
             except ValueError as err:  # this prompt alone: too long, or rejected by the engine
                 self._call(batch, then, Completion("", 0, str(err)))
                 continue
@@ -176,6 +177,8 @@ class PassRun:
     round_size: int
     decided: Callable[[list[Sample], dict], bool] | None  # adaptive: stop drawing for this input (its values)
     usc: tuple[int, int, int] | None  # (max_tokens, max_model_len, fallback_shown)
+    # A streamed answer (serving): the last step's text so far, after each engine step.
+    stream: Callable[[str], None] | None = None
 
 
 class BatchRun:
@@ -303,7 +306,8 @@ def _run_sample(batch: BatchRun, p: PassRun, values: dict, then: Callable[[Sampl
 
         for j, item in enumerate(items):
             prompt = render(st.template, sample.values if item is None else {**sample.values, "item": item})
-            batch.flow.ask(prompt, partial(got, j), batch, **p.sampling)
+            last = n == len(steps) - 1 and st.over is None
+            batch.flow.ask(prompt, partial(got, j), batch, p.stream if last else None, **p.sampling)
 
     step(0)
 

@@ -82,7 +82,28 @@ class ModelServer:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.pool, self._answer, route, mode, text, options)
 
-    def _answer(self, route: str, mode: str, text: str, options: dict) -> dict:
+    async def answer_stream(self, route: str, mode: str, text: str, options: dict):
+        """A System 1 answer as the engine makes it: {"delta": text} items after engine
+        steps, then {"result": ...}, what `answer` returns (its text is the deltas joined)."""
+        loop = asyncio.get_running_loop()
+        news: asyncio.Queue = asyncio.Queue()
+
+        def on_text(so_far: str) -> None:  # the engine's thread
+            loop.call_soon_threadsafe(news.put_nowait, so_far)
+
+        work = loop.run_in_executor(self.pool, self._answer, route, mode, text, options, on_text)
+        work.add_done_callback(lambda _: news.put_nowait(None))
+        sent = ""
+        while (so_far := await news.get()) is not None:
+            if len(so_far) > len(sent):
+                yield {"delta": so_far[len(sent):]}
+                sent = so_far
+        result = await work
+        if "error" not in result and len(result["text"]) > len(sent):
+            yield {"delta": result["text"][len(sent):]}
+        yield {"result": result}
+
+    def _answer(self, route: str, mode: str, text: str, options: dict, on_text=None) -> dict:
         import pandas as pd
 
         from s2d_ray.generation.batch import run_batch
@@ -96,7 +117,7 @@ class ModelServer:
             return {"error": f"not an input of task {task.name}: {err}", "status": 400, "code": "invalid_input"}
         passes = route_passes(cfg, mode, options)
         if mode != "system2":
-            return self._direct(cfg, mode, example, passes[0])
+            return self._direct(cfg, mode, example, passes[0], on_text)
         batch = pd.DataFrame([{"id": uuid.uuid4().hex, "input": example.question, "fields": json.dumps(example.fields)}])
         row = run_batch(self.flow, task, passes, batch, self.engine.max_model_len, wait=self.flow.wait).to_dict("records")[0]
         label = passes[0].label
@@ -115,15 +136,19 @@ class ModelServer:
         out.update(text=outputs[chosen], answer=answers[chosen], finish_reason="stop")
         return out
 
-    def _direct(self, cfg: JobConfig, mode: str, example, p) -> dict:
+    def _direct(self, cfg: JobConfig, mode: str, example, p, on_text=None) -> dict:
         """One System 1 prompt, straight on the dataflow (no table around one row): the
-        values, sampling and answer extraction `run_batch` gives evaluation."""
+        values, sampling and answer extraction `run_batch` gives evaluation. `on_text`:
+        its text so far after each engine step (streamed)."""
+        from dataclasses import replace
+
         from s2d_ray.generation.batch import pass_run
         from s2d_ray.methods.dataflow import BatchRun
 
         task = cfg.task
         values = {"format": task.answer_format, **example.fields, "question": example.question}
-        work = BatchRun(self.flow, [(pass_run(p, task, self.engine.max_model_len), [values], [uuid.uuid4().hex])])
+        run = replace(pass_run(p, task, self.engine.max_model_len), stream=on_text)
+        work = BatchRun(self.flow, [(run, [values], [uuid.uuid4().hex])])
         self.flow.wait(work)
         (samples,), _, _ = work.outputs(0)
         sample = samples[0]
@@ -208,26 +233,66 @@ class Stats:
         return out
 
 
-async def _events(rid: str, created: int, model: str, result: dict, usage: dict | None, extra: dict, chat: bool):
-    """Server-sent events of one answer, in OpenAI's chunk shape: the answer's text comes
-    whole, once its program (every step and sample, and the vote) is done."""
+def _usage(result: dict) -> dict:
+    return {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
+            "total_tokens": result["prompt_tokens"] + result["completion_tokens"]}  # fmt: skip
+
+
+def _extra(result: dict, route: str) -> dict:
+    """What s2d adds to a response: the mode used, the answer extracted, the vote."""
+    return {**{k: result[k] for k in ("mode", "answer", "samples", "vote") if k in result}, "route": route}
+
+
+async def _events(rid: str, created: int, model: str, pieces, route: str, include_usage: bool, chat: bool, done):
+    """Server-sent events in OpenAI's chunk shape from `pieces`, an async iterator of
+    {"delta": text} items (a System 1 answer as it is made; a System 2 answer comes whole,
+    once its steps, samples and vote are done) ending with {"result": ...}. An engine that
+    fails mid-answer ends the stream with an error event. `done(result or None)` at the end."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(choice: dict, **more) -> str:
         body = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice], **more}
         return f"data: {json.dumps(body)}\n\n"
 
-    if chat:
-        yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-        yield chunk({"index": 0, "delta": {"content": result["text"]}, "finish_reason": None})
-        yield chunk({"index": 0, "delta": {}, "finish_reason": result["finish_reason"]}, s2d=extra)
-    else:
-        yield chunk({"index": 0, "text": result["text"], "finish_reason": None})
-        yield chunk({"index": 0, "text": "", "finish_reason": result["finish_reason"]}, s2d=extra)
-    if usage is not None:
-        body = {"id": rid, "object": kind, "created": created, "model": model, "choices": [], "usage": usage}
-        yield f"data: {json.dumps(body)}\n\n"
+    result = None
+    try:
+        if chat:
+            yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+        async for piece in pieces:
+            if "result" in piece:
+                result = piece["result"]
+                break
+            delta = {"content": piece["delta"]} if chat else None
+            yield chunk({"index": 0, "delta": delta, "finish_reason": None} if chat else
+                        {"index": 0, "text": piece["delta"], "finish_reason": None})  # fmt: skip
+        if result is None or "error" in result:
+            raise RuntimeError(result["error"] if result else "the answer ended early")
+        end = {"index": 0, "delta": {}, "finish_reason": result["finish_reason"]} if chat else \
+            {"index": 0, "text": "", "finish_reason": result["finish_reason"]}  # fmt: skip
+        yield chunk(end, s2d=_extra(result, route))
+        if include_usage:
+            body = {"id": rid, "object": kind, "created": created, "model": model, "choices": [], "usage": _usage(result)}
+            yield f"data: {json.dumps(body)}\n\n"
+    except Exception as err:  # noqa: BLE001 (the status line is sent: the stream says it instead)
+        print(f"serve: {route}: a streamed answer failed ({type(err).__name__}: {str(err)[:300]})", flush=True)
+        message = "the engine serving this route failed mid-answer; retry (Serve replaces it)"
+        yield f"data: {json.dumps(error_body(503, message, 'engine_unavailable'))}\n\n"
+        result = None
+    finally:
+        done(result)
     yield "data: [DONE]\n\n"
+
+
+async def _chain(first: dict, rest):
+    yield first
+    async for piece in rest:
+        yield piece
+
+
+async def _whole(result: dict):
+    """A finished answer as `_events` pieces."""
+    yield {"delta": result["text"]}
+    yield {"result": result}
 
 
 # Everything the gateway uses is defined above it: Serve ships the ingress class by value.
@@ -399,31 +464,46 @@ class Gateway:
                                "overloaded", headers={"Retry-After": "1"})  # fmt: skip
         key = f"{route['name']}:{mode}"
         started = time.perf_counter()
-        self.in_flight += 1
-        try:
-            result = await self.servers[route["servers"][mode]].answer.remote(route["name"], mode, text, options)
-        except Exception as err:  # noqa: BLE001 (an engine replica died or failed: retry later)
-            self.stats.add(key, time.perf_counter() - started, 0, False)
-            print(f"serve: {key}: engine replica failed ({type(err).__name__}: {str(err)[:300]})", flush=True)
-            raise RequestError(503, "the engine serving this route failed; retry (Serve replaces it)",
-                               "engine_unavailable", headers={"Retry-After": "5"}) from None  # fmt: skip
-        finally:
-            self.in_flight -= 1
-        if "error" in result:
-            self.stats.add(key, time.perf_counter() - started, 0, False)
-            raise RequestError(result["status"], result["error"], result.get("code"))
-        self.stats.add(key, time.perf_counter() - started, result["completion_tokens"], True)
-        usage = {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
-                 "total_tokens": result["prompt_tokens"] + result["completion_tokens"]}  # fmt: skip
-        extra = {k: result[k] for k in ("mode", "answer", "samples", "vote") if k in result}
-        extra["route"] = route["name"]
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         headers = {MODE_HEADER: mode}
+        include = stream and isinstance(body.get("stream_options"), dict) and bool(body["stream_options"].get("include_usage"))
+        server = self.servers[route["servers"][mode]]
+        self.in_flight += 1
+        ended = False
+
+        def end(result: dict | None) -> None:  # once per request, however it ends
+            nonlocal ended
+            if not ended:
+                ended = True
+                self.in_flight -= 1
+                ok = result is not None and "error" not in result
+                self.stats.add(key, time.perf_counter() - started, result["completion_tokens"] if ok else 0, ok)
+
+        try:
+            if stream and mode != "system2":  # token by token: the first piece before the status line
+                pieces = server.options(stream=True).answer_stream.remote(route["name"], mode, text, options)
+                first = await pieces.__anext__()
+                result = first.get("result")
+            else:
+                result = await server.answer.remote(route["name"], mode, text, options)
+        except Exception as err:  # noqa: BLE001 (an engine replica died or failed: retry later)
+            end(None)
+            print(f"serve: {key}: engine replica failed ({type(err).__name__}: {str(err)[:300]})", flush=True)
+            raise RequestError(503, "the engine serving this route failed; retry (Serve replaces it)",
+                               "engine_unavailable", headers={"Retry-After": "5"}) from None  # fmt: skip
+        if result is not None and "error" in result:
+            end(None)
+            raise RequestError(result["status"], result["error"], result.get("code"))
         if stream:
-            include = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage")
-            events = _events(rid, created, body["model"], result, usage if include else None, extra, chat)
+            if result is not None:  # whole already: a System 2 answer (or a stream that ended at once)
+                pieces = _whole(result)
+            else:
+                pieces = _chain(first, pieces)
+            events = _events(rid, created, body["model"], pieces, route["name"], include, chat, end)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        end(result)
+        usage, extra = _usage(result), _extra(result, route["name"])
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": result["text"]},
                       "finish_reason": result["finish_reason"], "logprobs": None}  # fmt: skip

@@ -35,7 +35,7 @@ class FakeEngine:
     def prompt_tokens(self, text):
         return self.prompt_len * text.count("Response ")
 
-    def submit(self, prompt, params):
+    def submit(self, prompt, params, on_text=None):
         if self.limit is not None and len(prompt) > self.limit:
             raise ValueError(f"prompt of {len(prompt)} tokens does not fit engine.max_model_len {self.limit}")
         rid = f"r{len(self.events)}"
