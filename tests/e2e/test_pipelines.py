@@ -11,6 +11,7 @@ filter keeps: every trivia input ("yes", the same in every sample), no last-lett
 ("yes" is not two letters: the well-formedness check), and of coin flip's six, its cap."""
 
 import json
+import signal
 
 import pyarrow.parquet as pq
 import pytest
@@ -94,3 +95,41 @@ def test_each_task_is_a_route_on_the_one_model(pipeline_dir):
     assert {r.models.get("distilled") for r in routes} == {str(out / "model")}
     assert [r.cfg.task.name for r in routes] == ["triviaqa", "last_letter", "coin_flip"]
     assert all(r.chosen_by == "evaluation" and r.mode in r.modes for r in routes)
+
+
+def test_a_served_pipeline_answers_each_task_on_its_route_as_evaluated(pipeline_dir):
+    """`s2d serve` of the pipeline's run: one route per task on the one model, each in the
+    mode its own evaluation chose, each answering its test inputs as evaluation did."""
+    from openai import OpenAI
+
+    from s2d_ray.serving.routes import load_run
+    from tests.conftest import Command
+
+    out, _ = pipeline_dir
+    chosen = {r.name: r.mode for r in load_run(out)}
+    server = Command("serve", [str(out), "--port", "8732"])
+    try:
+        server.wait_for(r"serving: http://127\.0\.0\.1:8732/v1")
+        client = OpenAI(base_url="http://127.0.0.1:8732/v1", api_key="none", max_retries=0, timeout=600)
+        models = {m.id: m.model_extra["s2d"] for m in client.models.list().data}
+        assert {name: models[name]["mode"] for name in chosen} == chosen
+        for label in ("trivia", "last_letter", "coin_flip"):
+            name = f"local-pipeline.{label}"
+            evaluated = pq.read_table(out / "eval" / f"{label}-distilled").to_pylist()
+            inputs = {r["id"]: r["input"] for r in pq.read_table(out / "eval" / f"{label}-base", columns=["id", "input"]).to_pylist()}
+            for row in evaluated[:2]:
+                reply = client.chat.completions.with_raw_response.create(
+                    model=f"{name}:distilled", messages=[{"role": "user", "content": inputs[row["id"]]}], max_tokens=24)
+                answer = reply.parse()
+                assert reply.headers["x-s2d-route-mode"] == "distilled" and answer.model_extra["s2d"]["route"] == name
+                assert answer.choices[0].message.content == row["distilled_outputs"][0], label
+            # The route's own mode, unnamed: the one its evaluation chose.
+            reply = client.chat.completions.with_raw_response.create(
+                model=name, messages=[{"role": "user", "content": inputs[evaluated[0]["id"]]}])
+            assert reply.headers["x-s2d-route-mode"] == chosen[name]
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=300) == 0
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
