@@ -87,11 +87,18 @@ def _record(cfg: JobConfig, run: RunDir, stage: str, data: dict, log=print) -> N
 
 
 def engine_stage(cfg: JobConfig, model: Path | str, passes: list[Pass], vote: bool = False) -> EngineStage:
-    """The job's engine settings for `passes` on `model`; `vote`: apply the job's filter."""
+    """The job's engine settings for `passes` on `model`; `vote`: apply the job's filter
+    (generation). Any other stage (evaluation) asks fewer samples per input than
+    generation: its batches hold that many times more inputs (`batch_scale`), so that an
+    engine holds as many requests at once as in generation (at 16 inputs a batch, System 1
+    and System 2 greedy held at most 2 x 16 x 2 = 64 requests at an engine where N=8
+    generation holds 256, vLLM's max_num_seqs here)."""
+    per_input = sum(p.samples for p in passes)  # a swapped run is a pass of its own
+    generation = cfg.filter.samples * (2 if cfg.filter.name == "swap" else 1)
     return EngineStage(
         model_path=str(model), engine=cfg.engine, dtype=cfg.model.dtype, seed=cfg.sampling.seed, task=cfg.task,
         passes=tuple(passes), vote={"label": "system2", "filt": cfg.filter} if vote else None,
-        chat_template=cfg.model.chat_template,
+        chat_template=cfg.model.chat_template, batch_scale=1 if vote else max(1, generation // max(1, per_input)),
     )  # fmt: skip
 
 

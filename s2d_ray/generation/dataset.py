@@ -26,11 +26,12 @@ def input_rows(examples: list[Example]) -> list[dict]:
     ]
 
 
-def batch_rows(inputs: int, engine: EngineConfig) -> int:
-    """Rows per batch: `engine.batch_size`, or fewer when that would leave an engine of the
-    full pool without work: every engine gets at least max(2, batches_per_engine) batches."""
+def batch_rows(inputs: int, engine: EngineConfig, scale: int = 1) -> int:
+    """Rows per batch: `engine.batch_size` (times a stage's `batch_scale`), or fewer when
+    that would leave an engine of the full pool without work: every engine gets at least
+    max(2, batches_per_engine) batches of `inputs`."""
     per_engine = max(2, engine.batches_per_engine)
-    return max(1, min(engine.batch_size, math.ceil(inputs / (per_engine * engine.concurrency[1]))))
+    return max(1, min(engine.batch_size * scale, math.ceil(inputs / (per_engine * engine.concurrency[1]))))
 
 
 def generation_dataset(todo: list[Example], stage: EngineStage, *, tag: str = "", health=None,
@@ -47,11 +48,13 @@ def generation_dataset(todo: list[Example], stage: EngineStage, *, tag: str = ""
     engine = stage.engine
     lo, hi = engine.concurrency
     jobs = [(todo, stage), *also]
-    size = batch_rows(sum(len(t) for t, _ in jobs), engine)
+    total = sum(len(t) for t, _ in jobs)
+    size = batch_rows(total, engine, stage.batch_scale)
     if also:
         parts = [
-            ray.data.from_items([{**r, "job": j} for r in input_rows(t)], override_num_blocks=math.ceil(len(t) / size))
-            for j, (t, _) in enumerate(jobs) if t
+            ray.data.from_items([{**r, "job": j} for r in input_rows(t)],
+                                override_num_blocks=math.ceil(len(t) / batch_rows(total, engine, st.batch_scale)))
+            for j, (t, st) in enumerate(jobs) if t
         ]  # fmt: skip
         ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     else:

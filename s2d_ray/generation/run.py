@@ -57,7 +57,7 @@ def run_passes(examples: list[Example], stage: EngineStage, out_dir: Path, *, bu
                 others[f.parent.name] = others.get(f.parent.name, 0) + len(t)
         also_text = ", ".join(f"{n} of {where}/" for where, n in others.items())
         log(f"engines: {len(todo)} inputs" + (f" (and {also_text} with the same engines)" if others else "")
-            + f" in batches of {batch_rows(total, engine)}, up to {engine.concurrency[1]} engine(s) holding "
+            + f" in batches of {batch_rows(total, engine, stage.batch_scale)}, up to {engine.concurrency[1]} engine(s) holding "
             f"{engine.batches_per_engine} batch(es) each")  # fmt: skip
         ds = generation_dataset(todo, stage, tag=tag, health=health, also=[(t, st) for t, st, _ in extra])
         shown = Shown(progress(log, title, total, "inputs"), cost, started)

@@ -46,6 +46,10 @@ class EngineStage:
     vote: dict | None = None
     # model.chat_template: None (the model's own), "none" (raw prompts) or a template.
     chat_template: str | None = None
+    # Rows per batch: engine.batch_size times this. An evaluation draws one greedy sample
+    # per pass where generation draws N: its batches hold more inputs, so that an engine
+    # holds as many requests as in generation (`pipeline.engine_stage`).
+    batch_scale: int = 1
 
 
 def batch_job(batch: pd.DataFrame) -> int:
