@@ -43,6 +43,16 @@ def prompt_ids(tokenizer, user_text: str, chat_template: str | None = None) -> l
     return tokenizer.encode(text, add_special_tokens=chat_template == RAW)
 
 
+def prompt_ids_many(tokenizer, user_texts: list[str], chat_template: str | None = None) -> list[list[int]]:
+    """`prompt_ids` of several texts in one tokenizer call (the same ids: no padding, no
+    truncation); a fast tokenizer encodes the batch in one call into Rust, without the
+    per-call overhead that dominates for short prompts."""
+    if not user_texts:
+        return []
+    texts = [chat_prompt(tokenizer, t, chat_template) for t in user_texts]
+    return list(tokenizer(texts, add_special_tokens=chat_template == RAW)["input_ids"])
+
+
 def leading_bos(ids: list[int], bos_id: int | None) -> int:
     """How many BOS tokens a prompt starts with (`s2d check`, the boundary tests)."""
     n = 0

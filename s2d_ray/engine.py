@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from s2d_ray.chat import prompt_ids
+from s2d_ray.chat import prompt_ids, prompt_ids_many
 from s2d_ray.config import EngineConfig
 from s2d_ray.hooks import record_boundary
 from s2d_ray.placement import runs_on_cpu
@@ -144,6 +144,19 @@ class Engine:
                 del self._encoded[next(iter(self._encoded))]  # the oldest
             self._encoded[user_text] = ids
         return list(ids)  # the caller's own copy
+
+    def encode_many(self, user_texts: list[str]) -> list[list[int]]:
+        """`encode` of every text of an engine turn, those not remembered in one tokenizer
+        call (measured in an evaluation's engine thread: tokenizing one prompt at a time
+        was 16% of it, each prompt new)."""
+        found = {t: self._encoded[t] for t in user_texts if t in self._encoded}
+        missing = [t for t in dict.fromkeys(user_texts) if t not in found]
+        for text, ids in zip(missing, prompt_ids_many(self.tokenizer, missing, self.chat_template)):
+            found[text] = ids
+            if len(self._encoded) >= ENCODED:
+                del self._encoded[next(iter(self._encoded))]  # the oldest
+            self._encoded[text] = ids
+        return [list(found[t]) for t in user_texts]  # each caller its own copy
 
     @staticmethod
     def sampling(*, temperature: float, top_p: float, max_tokens: int, n: int = 1):

@@ -90,11 +90,11 @@ class Flow:
         working = [(b, k) for b in self._active for k, left in enumerate(b.open) if left and not b.done.is_set()]
         with self._wake:
             queued, self._queue = self._queue, []
-        for text, sampling, then, batch, on_text in queued:
-            if batch.done.is_set():  # failed meanwhile: its requests are dropped
-                continue
+        queued = [q for q in queued if not q[3].done.is_set()]  # a batch failed meanwhile: its requests are dropped
+        encoded = self.engine.encode_many([text for text, *_ in queued])
+        for (text, sampling, then, batch, on_text), ids in zip(queued, encoded):
             try:
-                rid = self.engine.submit(self.engine.encode(text), self.engine.sampling(**sampling), on_text)
+                rid = self.engine.submit(ids, self.engine.sampling(**sampling), on_text)
             except ValueError as err:  # this prompt alone: too long, or rejected by the engine
                 self._call(batch, then, Completion("", 0, str(err)))
                 continue

@@ -28,6 +28,9 @@ class FakeEngine:
     def encode(self, text):
         return text
 
+    def encode_many(self, texts):
+        return list(texts)
+
     @staticmethod
     def sampling(**kw):
         return kw

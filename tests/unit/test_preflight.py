@@ -41,9 +41,14 @@ def test_the_llama2_fixture_has_llama2s_conventions(fixtures):
 
 @pytest.mark.parametrize("kind, template", [("llama2-chat", None), ("no-template", "none"), ("plain", None)])
 def test_every_prompt_starts_with_exactly_one_bos(fixtures, kind, template):
+    from s2d_ray.chat import prompt_ids_many
+
     tok = _tok(fixtures[kind])
     ids = prompt_ids(tok, "Take the last letters of: apple pie", template)
     assert leading_bos(ids, tok.bos_token_id) == 1, ids[:4]  # plain: the template's own <|im_start|>
+    # An engine turn encodes its prompts in one call: exactly the ids of one at a time.
+    texts = ["Take the last letters of: apple pie", "hi", "A coin is heads up. Is it still heads up?", "hi"]
+    assert prompt_ids_many(tok, texts, template) == [prompt_ids(tok, t, template) for t in texts]
 
 
 def test_training_masks_exactly_the_ids_the_engines_are_handed(fixtures):
