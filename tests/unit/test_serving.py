@@ -94,6 +94,32 @@ def test_serve_settings_are_validated(tmp_path):
         load_config(job, ["serve.port=80"])
 
 
+@pytest.mark.parametrize("job, override, gpu_bundles", [
+    ("paper/last-letter-rar2-70b.yaml", [], 4),
+    ("paper/last-letter-rar2-70b.yaml", ["engine.tensor_parallel=2", "engine.pipeline_parallel=2"], 4),
+    ("local/last-letter-rar2.yaml", ["engine.device=cuda", "train.use_gpu=true", "train.backend=nccl"], 0),
+])  # fmt: skip
+def test_a_replica_reserves_what_its_engine_needs_as_vllm_checks_it(job, override, gpu_bundles):
+    """A tensor-parallel replica: one packed placement group, the replica in a GPU-less first
+    bundle and one bundle of one GPU per engine worker, which is what vLLM's Ray executor
+    counts in the placement group it finds itself in (vllm/v1/executor/ray_utils.py)."""
+    from types import SimpleNamespace
+
+    from s2d_ray.serving.server import replica_options
+
+    cfg = load_config(ROOT / "jobs" / job, override)
+    options = replica_options(SimpleNamespace(cfg=cfg))
+    assert options["autoscaling_config"]["max_replicas"] == cfg.serve.max_replicas
+    if gpu_bundles == 0:  # one GPU: the replica's own
+        assert options["ray_actor_options"]["num_gpus"] == 1 and "placement_group_bundles" not in options
+        return
+    bundles = options["placement_group_bundles"]
+    assert options["placement_group_strategy"] == "STRICT_PACK"
+    assert bundles[0] == {"CPU": cfg.engine.cpus_per_engine, "GPU": 0}  # where Serve puts the replica itself
+    assert options["ray_actor_options"]["num_cpus"] == cfg.engine.cpus_per_engine and "num_gpus" not in options["ray_actor_options"]
+    assert all(b.get("GPU", 0) <= 1 for b in bundles) and sum(1 for b in bundles if b.get("GPU")) == gpu_bundles
+
+
 def test_s2d_serve_refuses_a_folder_that_is_not_a_run_with_one_line(tmp_path):
     import subprocess
     import sys
