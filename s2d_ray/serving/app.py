@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -501,7 +502,10 @@ class Gateway:
             else:
                 pieces = _chain(first, pieces)
             events = _events(rid, created, body["model"], pieces, route["name"], include, chat, end)
-            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+            # A client gone before the first event: the stream never starts, its `finally`
+            # never runs; the background task still ends the request (once: `end` is idempotent).
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers,
+                                     background=BackgroundTask(end, None))  # fmt: skip
         end(result)
         usage, extra = _usage(result), _extra(result, route["name"])
         if chat:

@@ -184,3 +184,71 @@ def test_past_max_in_flight_a_request_is_a_503_with_retry_after_and_nothing_is_q
         assert (await gateway._answer(body, "apple pie", None, chat=True)).status_code == 200  # served again
 
     asyncio.run(scenario())
+
+
+def test_a_streamed_answer_comes_piece_by_piece_and_every_stream_ends_its_request():
+    """On the gateway's own class: a System 1 stream relays the engine's pieces as they
+    come; a stream the client left before its first event, and one whose engine failed
+    mid-answer (an error event), each still end their request (nothing stays in flight)."""
+    import asyncio
+    import json
+
+    from s2d_ray.serving.app import Gateway
+
+    class StreamingEngine:
+        def __init__(self, pieces, fail_after=None):
+            self.pieces, self.fail_after = pieces, fail_after
+
+        def options(self, stream):
+            assert stream is True
+            return self
+
+        @property
+        def answer_stream(self):
+            return self
+
+        def remote(self, route, mode, text, options):
+            async def gen():
+                for i, piece in enumerate(self.pieces):
+                    if i == self.fail_after:
+                        raise RuntimeError("engine died")
+                    yield {"delta": piece}
+                yield {"result": {"text": "".join(self.pieces), "finish_reason": "stop", "prompt_tokens": 9,
+                                  "completion_tokens": len(self.pieces), "mode": mode}}  # fmt: skip
+
+            return gen()
+
+    async def body_of(response) -> list[dict]:
+        events = [chunk async for chunk in response.body_iterator]
+        await response.background()
+        return [json.loads(e[6:]) for e in events if e.startswith("data: {")]
+
+    async def scenario():
+        route = {"name": "job", "info": {"modes": ["distilled"], "mode": "distilled"}, "servers": {"distilled": "m"},
+                 "max_tokens": 64}  # fmt: skip
+        own = Gateway.func_or_class.__mro__[1]
+        body = {"model": "job", "messages": [{"role": "user", "content": "apple pie"}], "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+        for engine, check in ((StreamingEngine(["Answer", ":", " e", "e"]), "whole"),
+                              (StreamingEngine(["Answer", ":", " e"]), "left"),
+                              (StreamingEngine(["Answer", ":", " e"], fail_after=2), "failed")):  # fmt: skip
+            gateway = own.__new__(own)
+            own.__init__(gateway, [route], {"m": engine}, None, {"max_in_flight": 3, "max_body_kib": 64})
+            response = await gateway._answer(body, "apple pie", None, chat=True)
+            assert gateway.in_flight == 1
+            if check == "left":  # the client went away: Starlette runs the background task only
+                await response.background()
+                assert gateway.in_flight == 0
+                continue
+            events = await body_of(response)
+            assert gateway.in_flight == 0
+            deltas = [e["choices"][0]["delta"].get("content") for e in events if e.get("choices")]
+            if check == "whole":
+                assert [d for d in deltas if d] == ["Answer", ":", " e", "e"]  # one event per piece
+                assert events[-1]["usage"]["completion_tokens"] == 4
+                assert gateway.stats.summary()["job:distilled"]["errors"] == 0
+            else:
+                assert [d for d in deltas if d] == ["Answer", ":"] and events[-1]["error"]["code"] == "engine_unavailable"
+                assert gateway.stats.summary()["job:distilled"]["errors"] == 1
+
+    asyncio.run(scenario())
