@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from s2d_ray.chat import prompt_ids, prompt_ids_many
+from s2d_ray.chat import prompt_ids_many
 from s2d_ray.config import EngineConfig
 from s2d_ray.hooks import record_boundary
 from s2d_ray.placement import runs_on_cpu
@@ -134,21 +134,14 @@ class Engine:
         return bool(self._live)
 
     def encode(self, user_text: str) -> list[int]:
-        """Chat-formatted and tokenized once, here, exactly as training tokenizes it. The
-        last ENCODED texts are remembered: a method's first step asks the same prompt once
-        per sample (N times), and encoding was ~7% of the engine thread's time."""
-        ids = self._encoded.get(user_text)
-        if ids is None:
-            ids = prompt_ids(self.tokenizer, user_text, self.chat_template)
-            if len(self._encoded) >= ENCODED:
-                del self._encoded[next(iter(self._encoded))]  # the oldest
-            self._encoded[user_text] = ids
-        return list(ids)  # the caller's own copy
+        """Chat-formatted and tokenized once, here, exactly as training tokenizes it."""
+        return self.encode_many([user_text])[0]
 
     def encode_many(self, user_texts: list[str]) -> list[list[int]]:
-        """`encode` of every text of an engine turn, those not remembered in one tokenizer
-        call (measured in an evaluation's engine thread: tokenizing one prompt at a time
-        was 16% of it, each prompt new)."""
+        """`encode` of every text of an engine turn. The last ENCODED texts are remembered
+        (a method's first step asks the same prompt once per sample, N times; encoding was
+        ~7% of the engine thread's time); the others are tokenized in one tokenizer call
+        (one call per prompt was 16% of an evaluation's engine thread, each prompt new)."""
         found = {t: self._encoded[t] for t in user_texts if t in self._encoded}
         missing = [t for t in dict.fromkeys(user_texts) if t not in found]
         for text, ids in zip(missing, prompt_ids_many(self.tokenizer, missing, self.chat_template)):

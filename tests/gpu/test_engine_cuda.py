@@ -31,6 +31,33 @@ def test_the_exported_checkpoint_generates_on_cuda(cuda_trained):
     assert len(samples) == 2 and all(s.error is None and s.tokens["answer"] > 0 for s in samples)
 
 
+def test_a_streamed_request_and_a_turns_batched_prompts_on_cuda(cuda_trained):
+    """The engine paths that differ per request on a GPU engine: a streamed request gets
+    its text so far after each step (vLLM's cumulative outputs), ending in exactly the text
+    `step` returns; a turn's prompts tokenized in one call are the ids of one at a time."""
+    from s2d_ray.chat import prompt_ids
+    from s2d_ray.config import EngineConfig
+    from s2d_ray.engine import Engine
+
+    engine = Engine(str(cuda_trained / "model"), EngineConfig(device="cuda", gpu_memory_utilization=0.4,
+                    max_model_len=1024), dtype="bfloat16")  # fmt: skip
+    try:
+        texts = ["Take the last letters of the words in \"Ada Lovelace\".", "Is a coin flipped twice still heads up?"]
+        assert engine.encode_many(texts + texts[:1]) == [prompt_ids(engine.tokenizer, t) for t in texts + texts[:1]]
+        seen: list[str] = []
+        streamed = engine.submit(engine.encode(texts[0]), engine.sampling(temperature=0.0, top_p=1.0, max_tokens=24),
+                                 on_text=seen.append)  # fmt: skip
+        plain = engine.submit(engine.encode(texts[1]), engine.sampling(temperature=0.0, top_p=1.0, max_tokens=24))
+        done = {}
+        while engine.busy:
+            done.update(engine.step())
+    finally:
+        engine.close()
+    final = done[streamed][0].text
+    assert set(done) == {streamed, plain} and len(seen) >= 2  # pieces before it finished
+    assert all(b.startswith(a) for a, b in zip(seen, seen[1:])) and final.startswith(seen[-1])
+
+
 @pytest.mark.skipif(GPUS < 2, reason=f"tensor parallel 2 needs two GPUs; this node has {GPUS}")
 def test_tensor_parallel_generation_stage(tmp_path):
     s2d("generate", str(LOCAL_JOB), "--out", str(tmp_path),
